@@ -1,0 +1,85 @@
+"""DataModuleFromConfig: the `data:` section of a CompVis-style config as a LightningDataModule."""
+from typing import Any, Mapping
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from ldm.util import ConfigError, default, instantiate_from_config
+
+SECTIONS = ("train", "validation", "test")
+STAGE_SECTIONS = {"fit": ("train", "validation"), "validate": ("validation",), "test": ("test",), "predict": ()}
+
+
+class DataModuleFromConfig(pl.LightningDataModule):
+    """Builds the train/validation/test datasets from `{target, params}` sections.
+
+    Datasets are built in `setup()`, so every DDP rank builds its own. Only the dataloader
+    methods of the sections given exist (no `validation` section -> Lightning runs no
+    validation loop). `wrap` is accepted for CompVis configs and ignored: DataLoader already
+    takes any object with `__getitem__` and `__len__`, which is all CompVis' wrapper added.
+    `drop_last` applies to the training loader only, so evaluation sees every sample.
+    """
+
+    def __init__(self,
+                 batch_size: int,
+                 train: Mapping | None = None,          # {target, params} of the training dataset
+                 validation: Mapping | None = None,
+                 test: Mapping | None = None,
+                 num_workers: int = 0,                  # > 0: persistent worker processes
+                 shuffle_val: bool = False,
+                 pin_memory: bool | None = None,        # default: torch.cuda.is_available()
+                 drop_last: bool = False,
+                 wrap: bool = False):                   # CompVis compatibility, no effect
+        super().__init__()
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            raise ConfigError(f"data.params.batch_size must be a positive integer, got {batch_size!r}")
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ConfigError(f"data.params.num_workers must be a non-negative integer, got {num_workers!r}")
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.shuffle_val, self.drop_last, self.wrap = shuffle_val, drop_last, wrap
+        self.pin_memory = default(pin_memory, torch.cuda.is_available())
+        given = {"train": train, "validation": validation, "test": test}
+        self.dataset_configs = {name: cfg for name, cfg in given.items() if cfg is not None}
+        if not self.dataset_configs:
+            raise ConfigError("data.params needs at least one of 'train', 'validation', 'test'")
+        self.datasets: dict[str, Any] = {}
+        hooks = {"train": ("train_dataloader", self._train_dataloader),
+                 "validation": ("val_dataloader", self._val_dataloader),
+                 "test": ("test_dataloader", self._test_dataloader)}
+        for name in self.dataset_configs:
+            attr, method = hooks[name]
+            setattr(self, attr, method)  # Lightning treats a section's loader as present only when set
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets the stage needs (all given sections when `stage` is None)."""
+        for name in STAGE_SECTIONS.get(stage, SECTIONS):
+            if name in self.dataset_configs:
+                self.dataset(name)
+
+    def dataset(self, name: str) -> Any:
+        """The dataset of section `name`, built on first use."""
+        if name not in self.dataset_configs:
+            raise ConfigError(f"data.params has no '{name}' section (given: {', '.join(self.dataset_configs)})")
+        if name not in self.datasets:
+            self.datasets[name] = instantiate_from_config(self.dataset_configs[name], where=f"data.params.{name}")
+        return self.datasets[name]
+
+    def _loader(self, name: str, shuffle: bool, drop_last: bool) -> DataLoader:
+        dataset = self.dataset(name)
+        return DataLoader(dataset,
+                          batch_size=self.batch_size,
+                          shuffle=shuffle and not isinstance(dataset, IterableDataset),
+                          num_workers=self.num_workers,
+                          pin_memory=self.pin_memory,
+                          drop_last=drop_last,
+                          persistent_workers=self.num_workers > 0)
+
+    def _train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True, drop_last=self.drop_last)
+
+    def _val_dataloader(self) -> DataLoader:
+        return self._loader("validation", shuffle=self.shuffle_val, drop_last=False)
+
+    def _test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False, drop_last=False)

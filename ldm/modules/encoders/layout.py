@@ -1,0 +1,90 @@
+"""LayoutEmbedder: bounding-box layouts -> token features for cross-attention (LDM layout-to-image).
+
+Each object (class, x0, y0, x1, y1) becomes 3 tokens of one vocabulary:
+  [0, bins²)                       corner tokens: the cell (y·bins + x) of a bins×bins grid,
+  [bins², bins² + n_classes)       class tokens,
+  bins² + n_classes                the pad token (all 3 tokens of an absent object).
+The sequence (3·max_objects tokens) goes through `TransformerEncoder` with learned position embeddings.
+Valid objects are moved to the front in their given order, so padding rows anywhere change nothing.
+"""
+import torch
+import torch.nn as nn
+
+from ldm.modules.encoders.transformer_text import TransformerEncoder
+from ldm.util import ConfigError
+
+
+def corner_tokens(x: torch.Tensor, y: torch.Tensor, n_bins: int) -> torch.Tensor:
+    """Token of the grid cell holding (x, y) in [0, 1]²: floor(v·bins) per axis (1.0 in the last cell)."""
+    xi = (x.clamp(0, 1) * n_bins).floor().long().clamp(max=n_bins - 1)
+    yi = (y.clamp(0, 1) * n_bins).floor().long().clamp(max=n_bins - 1)
+    return yi * n_bins + xi
+
+
+class LayoutEmbedder(nn.Module):
+    """objects (B, n, 5) with n <= max_objects, padding rows class -1 -> (B, 3·max_objects, n_embed)."""
+
+    def __init__(self,
+                 n_embed: int,                 # feature width D
+                 n_layer: int,                 # transformer blocks
+                 n_classes: int,               # object classes 0..n_classes-1
+                 n_coord_bins: int = 64,       # grid cells per axis for box corners
+                 max_objects: int = 30,        # objects per layout (3 tokens each)
+                 embedding_dropout: float = 0.0,
+                 heads: int = 8,
+                 dim_head: int = 64):
+        super().__init__()
+        if n_classes < 1 or n_coord_bins < 1 or max_objects < 1:
+            raise ConfigError(f"LayoutEmbedder needs n_classes, n_coord_bins, max_objects >= 1, got "
+                              f"{n_classes}, {n_coord_bins}, {max_objects}")
+        self.n_classes = n_classes
+        self.n_coord_bins = n_coord_bins
+        self.max_objects = max_objects
+        self.pad_token = n_coord_bins ** 2 + n_classes
+        self.output_dim = n_embed
+        self.transformer = TransformerEncoder(self.pad_token + 1, 3 * max_objects, n_embed, n_layer,
+                                              heads=heads, dim_head=dim_head, emb_dropout=embedding_dropout)
+
+    def _check(self, objects: torch.Tensor) -> None:
+        if not isinstance(objects, torch.Tensor) or objects.ndim != 3 or objects.shape[-1] != 5:
+            shape = tuple(objects.shape) if isinstance(objects, torch.Tensor) else type(objects).__name__
+            raise ValueError(f"LayoutEmbedder expects `objects` (B, n, 5) rows (class, x0, y0, x1, y1), got {shape}")
+        if objects.shape[1] > self.max_objects:
+            raise ValueError(f"LayoutEmbedder: {objects.shape[1]} object rows exceed max_objects={self.max_objects}")
+        classes = objects[..., 0]
+        bad = (classes >= self.n_classes) | ((classes < 0) & (classes != -1))
+        if bad.any():
+            raise ValueError(f"LayoutEmbedder: object classes must be -1 (padding) or in [0, {self.n_classes}), "
+                             f"got {sorted(set(classes[bad].tolist()))}")
+
+    def tokenize(self, objects: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, 3·max_objects): per object [class, top-left, bottom-right]; pads at the end."""
+        self._check(objects)
+        b, n, _ = objects.shape
+        valid = objects[..., 0] >= 0                                          # (B, n)
+        order = torch.sort((~valid).to(torch.uint8), dim=1, stable=True).indices
+        objects = objects.gather(1, order[..., None].expand(-1, -1, 5))        # (B, n, 5) valid first
+        valid = valid.gather(1, order)                                         # (B, n)
+        tokens = torch.stack([self.n_coord_bins ** 2 + objects[..., 0].round().long().clamp(min=0),
+                              corner_tokens(objects[..., 1], objects[..., 2], self.n_coord_bins),
+                              corner_tokens(objects[..., 3], objects[..., 4], self.n_coord_bins)], dim=-1)
+        tokens = tokens.masked_fill(~valid[..., None], self.pad_token)         # (B, n, 3)
+        padded = tokens.new_full((b, self.max_objects, 3), self.pad_token)
+        padded[:, :n] = tokens
+        return padded.flatten(1)                                               # (B, 3·max_objects)
+
+    def forward(self, objects: torch.Tensor) -> torch.Tensor:
+        tokens = self.tokenize(objects).to(self.transformer.token_emb.weight.device)
+        return self.transformer(tokens)                                        # (B, 3·max_objects, D)
+
+    def encode(self, objects: torch.Tensor) -> torch.Tensor:
+        return self(objects)
+
+    def null_condition(self, batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """The empty layout: max_objects padding rows (class -1)."""
+        objects = torch.zeros(batch_size, self.max_objects, 5, device=device)
+        objects[..., 0] = -1
+        return objects
+
+    def unconditional(self, batch_size: int) -> torch.Tensor:
+        return self.null_condition(batch_size)
