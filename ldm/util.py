@@ -15,6 +15,9 @@ def get_obj_from_str(path: str, reload: bool = False) -> Any:
     """Import `package.module.Name` and return `Name`; a clear ConfigError when it does not exist."""
     if not isinstance(path, str) or "." not in path:
         raise ConfigError(f"target {path!r} is not a dotted import path like 'ldm.models.autoencoder.AutoencoderKL'")
+    from ldm.compat import resolve_target  # CompVis/SD targets -> ours (imported here: compat imports this module)
+    if (aliased := resolve_target(path)) is not None:
+        return aliased
     module_name, name = path.rsplit(".", 1)
     try:
         module = importlib.import_module(module_name)

@@ -1,0 +1,382 @@
+"""DDPM: pixel-space denoising diffusion (Ho et al. 2020) as a thin Lightning module.
+
+It composes a U-Net (`DiffusionWrapper`, keys `model.diffusion_model.*`), the 12 schedule buffers, an EMA copy
+(`model_ema.*`) and the pure maths of `ldm.diffusion`: a training step is get_input -> p_losses -> log, and
+sampling hands the denoiser `apply_model(x, t, **cond)` to an `ldm.diffusion` sampler. CompVis/SD parameter
+names are accepted; values this implementation does not support raise a ConfigError naming them.
+"""
+import contextlib
+from typing import Any, Callable, Mapping, Sequence
+
+import pytorch_lightning as pl
+import torch
+import torch.nn as nn
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
+
+from ldm import visualization
+from ldm.diffusion import (BUFFER_NAMES, PARAMETERIZATIONS, CFGDenoiser, DiffusionSchedule, lvlb_weights,
+                           make_schedule, q_sample, sample_ddim, sample_ddpm, sample_plms, sample_timesteps,
+                           target_for, training_loss)
+from ldm.diffusion.losses import LOSS_TYPES
+from ldm.models.autoencoder import load_state_dict_file
+from ldm.models.diffusion_wrapper import DiffusionWrapper
+from ldm.modules.ema import LitEma, ema_scope
+from ldm.util import ConfigError, get_obj_from_str, instantiate_from_config
+
+DEFAULT_BASE_LR = 1.0e-4  # main.py overrides `learning_rate`
+SAMPLERS = ("ddpm", "ddim", "plms")
+
+Condition = dict[str, torch.Tensor]  # {"c_concat" | "c_crossattn" | "c_adm": tensor}
+
+
+class DDPM(pl.LightningModule):
+    """Unconditional diffusion on images batch[first_stage_key] (B, channels, image_size, image_size) in [-1, 1].
+
+    Ours beyond CompVis: `ema_decay`, `lr_warmup_steps` (linear LR warm-up), `weight_decay` (AdamW).
+    """
+
+    conditional = False  # LatentDiffusion routes conditions; a pixel-space DDPM has none
+
+    def __init__(self, unet_config: Mapping, timesteps: int = 1000, beta_schedule: str = "linear",
+                 loss_type: str = "l2", ckpt_path: str | None = None, ignore_keys: Sequence[str] = (),
+                 load_only_unet: bool = False, monitor: str | None = "val/loss", use_ema: bool = True,
+                 first_stage_key: str = "image", image_size: int = 256, channels: int = 3, log_every_t: int = 100,
+                 clip_denoised: bool = True, linear_start: float = 1e-4, linear_end: float = 2e-2,
+                 cosine_s: float = 8e-3, given_betas: Sequence[float] | None = None, original_elbo_weight: float = 0.0,
+                 v_posterior: float = 0.0, l_simple_weight: float = 1.0, conditioning_key: str | None = None,
+                 parameterization: str = "eps", scheduler_config: Mapping | None = None,
+                 use_positional_encodings: bool = False, learn_logvar: bool = False, logvar_init: float = 0.0,
+                 ema_decay: float = 0.9999, lr_warmup_steps: int = 0, weight_decay: float = 0.01):
+        super().__init__()
+        _check_choice("parameterization", parameterization, PARAMETERIZATIONS)
+        _check_choice("loss_type", loss_type, LOSS_TYPES)
+        if use_positional_encodings:
+            raise ConfigError("model.params.use_positional_encodings=true is not supported; remove it")
+        if conditioning_key is not None and not self.conditional:
+            raise ConfigError(f"model.params.conditioning_key={conditioning_key!r}: {type(self).__name__} is "
+                              "unconditional; use ldm.models.latent_diffusion.LatentDiffusion for conditioning")
+        self.parameterization, self.loss_type, self.clip_denoised = parameterization, loss_type, clip_denoised
+        self.first_stage_key, self.image_size, self.channels = first_stage_key, image_size, channels
+        self.log_every_t, self.v_posterior = log_every_t, v_posterior
+        self.original_elbo_weight, self.l_simple_weight = original_elbo_weight, l_simple_weight
+        self.weight_decay, self.lr_warmup_steps, self.learn_logvar = weight_decay, lr_warmup_steps, learn_logvar
+        self.weight_loss_by_logvar = learn_logvar or logvar_init != 0  # L / exp(logvar_t) + logvar_t
+        self.lr_schedule = lr_schedule_from_config(scheduler_config)
+        self.learning_rate = DEFAULT_BASE_LR
+        if monitor is not None:
+            self.monitor = monitor
+        self.model = DiffusionWrapper(unet_config, conditioning_key)
+        self.register_schedule(given_betas, beta_schedule, timesteps, linear_start, linear_end, cosine_s)
+        logvar = torch.full((self.num_timesteps,), float(logvar_init))
+        if learn_logvar:
+            self.logvar = nn.Parameter(logvar)
+        else:  # not a checkpoint key (SD 1.x has none)
+            self.register_buffer("logvar", logvar, persistent=False)
+        self.use_ema, self.ema_decay, self._in_ema_scope = use_ema, ema_decay, False
+        if use_ema:
+            self.model_ema = LitEma(self.model, decay=ema_decay)
+        if ckpt_path is not None:
+            self.init_from_ckpt(ckpt_path, ignore_keys, load_only_unet)
+
+    # ---- schedule -----------------------------------------------------------------------------------------------
+    def register_schedule(self, given_betas=None, beta_schedule: str = "linear", timesteps: int = 1000,
+                          linear_start: float = 1e-4, linear_end: float = 2e-2, cosine_s: float = 8e-3) -> None:
+        """The 12 CompVis schedule buffers (float32), and the ELBO weights (not saved) when they are used."""
+        try:
+            schedule = make_schedule(beta_schedule, timesteps, linear_start, linear_end, cosine_s,
+                                     given_betas, self.v_posterior)
+        except ValueError as err:
+            raise ConfigError(f"model.params (beta_schedule / timesteps / given_betas): {err}") from err
+        for name, value in schedule.buffers(torch.float32).items():
+            self.register_buffer(name, value)
+        self.num_timesteps = schedule.num_timesteps
+        if self.original_elbo_weight != 0:
+            weights = lvlb_weights(schedule, self.parameterization).float()
+            self.register_buffer("lvlb_weights", weights, persistent=False)
+
+    @property
+    def schedule(self) -> DiffusionSchedule:
+        """The schedule buffers, on the module's device."""
+        return DiffusionSchedule.from_mapping({name: getattr(self, name) for name in BUFFER_NAMES})
+
+    # ---- checkpoints --------------------------------------------------------------------------------------------
+    def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = (), only_model: bool = False) -> None:
+        """Load a `.ckpt`/`.safetensors` strictly, except keys starting with an `ignore_keys` prefix; `model_ema.*`
+        is dropped without use_ema and re-initialised from the loaded U-Net when the file has none.
+        only_model (load_only_unet): load only the `model.diffusion_model.*` keys."""
+        ignore = tuple(ignore_keys)
+        sd = {k: v for k, v in load_state_dict_file(path).items() if not (ignore and k.startswith(ignore))}
+        if only_model:
+            sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.diffusion_model.")}
+            if not sd:
+                raise RuntimeError(f"checkpoint {path!r} has no model.diffusion_model.* keys (load_only_unet)")
+        elif not self.use_ema:
+            sd = {k: v for k, v in sd.items() if not k.startswith("model_ema.")}
+        ema_in_file = any(k.startswith("model_ema.") for k in sd)
+        target = self.model if only_model else self
+        try:
+            result = target.load_state_dict(sd, strict=False)
+        except RuntimeError as err:
+            raise RuntimeError(f"checkpoint {path!r} does not fit {type(self).__name__}: {err}") from err
+        missing = [k for k in result.missing_keys
+                   if not ((ignore and k.startswith(ignore)) or (k.startswith("model_ema.") and not ema_in_file))]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(f"checkpoint {path!r} does not fit {type(self).__name__}: {len(missing)} missing key(s) "
+                               f"{missing[:10]}, {len(result.unexpected_keys)} unexpected key(s) "
+                               f"{result.unexpected_keys[:10]} (ignore_keys skips prefixes; load_only_unet loads "
+                               f"only model.diffusion_model.*)")
+        if self.use_ema and not ema_in_file:
+            self.model_ema = LitEma(self.model, decay=self.ema_decay)
+        rank_zero_info(f"Restored {type(self).__name__} from {path}: {len(sd)} keys"
+                       + (" (U-Net only)" if only_model else ""))
+
+    # ---- inputs and loss ----------------------------------------------------------------------------------------
+    def get_image(self, batch: Mapping[str, Any], key: str | None = None) -> torch.Tensor:
+        """batch[key] (default first_stage_key) as a float (B, C, H, W) tensor on the module's device."""
+        key = key or self.first_stage_key
+        if key not in batch:
+            raise KeyError(f"{type(self).__name__}: batch has no key {key!r}; keys: {sorted(batch)}")
+        x = batch[key]
+        if not isinstance(x, torch.Tensor) or x.ndim != 4:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{type(self).__name__}: batch[{key!r}] must be a (B, C, H, W) channels-first tensor, "
+                             f"got {shape}")
+        return x.to(self.device, torch.float32).contiguous()
+
+    def get_input(self, batch: Mapping[str, Any], drop: bool | None = None) -> tuple[torch.Tensor, Condition]:
+        """(x0, conditions) of a batch; a DDPM has no conditions."""
+        x = self.get_image(batch)
+        if x.shape[1] != self.channels:
+            raise ValueError(f"DDPM: batch[{self.first_stage_key!r}] has {x.shape[1]} channels, "
+                             f"model.params.channels={self.channels}")
+        return x, {}
+
+    def apply_model(self, x_t: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
+        """The denoiser: raw eps / x0 / v prediction (B, C, H, W) at integer timesteps t (B,)."""
+        return self.model(x_t, t, **cond)
+
+    def p_losses(self, x0: torch.Tensor, cond: Condition, t: torch.Tensor | None = None,
+                 noise: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Loss of the denoiser at x_t = q_sample(x0, t, noise) (t uniform, noise standard unless given)."""
+        t = sample_timesteps(len(x0), self.num_timesteps, x0.device) if t is None else t
+        noise = torch.randn_like(x0) if noise is None else noise
+        schedule = self.schedule
+        x_t = q_sample(x0, t, noise, schedule)                               # (B, C, H, W)
+        output = self.apply_model(x_t, t, **cond)                            # (B, C, H, W)
+        target = target_for(self.parameterization, x0, noise, t, schedule)
+        logvar = self.logvar if self.weight_loss_by_logvar else None
+        return training_loss(output, target, t, self.loss_type, logvar, self.l_simple_weight,
+                             self.original_elbo_weight, getattr(self, "lvlb_weights", None))
+
+    # ---- training -----------------------------------------------------------------------------------------------
+    def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
+        x0, cond = self.get_input(batch)
+        loss, logs = self.p_losses(x0, cond)
+        self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=True, on_step=True, on_epoch=False,
+                      batch_size=len(x0))
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.use_ema:
+            self.model_ema(self.model)
+
+    @torch.no_grad()
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
+        """val/loss* with the training weights and val/loss*_ema with the EMA weights, at the same (t, noise)."""
+        x0, cond = self.get_input(batch)
+        t = sample_timesteps(len(x0), self.num_timesteps, x0.device)
+        noise = torch.randn_like(x0)
+        _, logs = self.p_losses(x0, cond, t, noise)
+        with self.ema_scope():
+            _, logs_ema = self.p_losses(x0, cond, t, noise)
+        logs = {f"val/{k}": v for k, v in logs.items()} | {f"val/{k}_ema": v for k, v in logs_ema.items()}
+        self.log_dict(logs, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(x0))
+
+    @contextlib.contextmanager
+    def ema_scope(self, enabled: bool = True):
+        """Within the block the U-Net holds its EMA weights (no-op without use_ema; re-entrant)."""
+        if self._in_ema_scope or not (self.use_ema and enabled):
+            yield
+            return
+        self._in_ema_scope = True
+        try:
+            with ema_scope(self.model_ema, self.model):
+                yield
+        finally:
+            self._in_ema_scope = False
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What AdamW updates: the U-Net (and the learned log-variance)."""
+        return list(self.model.parameters()) + ([self.logvar] if self.learn_logvar else [])
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.trainable_parameters(), lr=self.learning_rate, weight_decay=self.weight_decay)
+        if self.lr_warmup_steps <= 0 and self.lr_schedule is None:
+            return opt
+        scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=self.lr_multiplier)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+
+    def lr_multiplier(self, step: int) -> float:
+        """Linear warm-up over lr_warmup_steps, times scheduler_config's factor when given."""
+        mult = min(1.0, (step + 1) / self.lr_warmup_steps) if self.lr_warmup_steps > 0 else 1.0
+        return mult * (float(self.lr_schedule(step)) if self.lr_schedule is not None else 1.0)
+
+    # ---- sampling -----------------------------------------------------------------------------------------------
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Sampled space -> images in [-1, 1] (pixel space: clamp)."""
+        return x.clamp(-1.0, 1.0)
+
+    def as_condition(self, cond: Any) -> Condition:
+        if cond is not None and not (isinstance(cond, Mapping) and not cond):
+            raise ValueError(f"{type(self).__name__} is unconditional; sample with cond=None")
+        return {}
+
+    def null_condition(self, batch_size: int, cond: Condition | None = None) -> Condition:
+        raise ValueError(f"{type(self).__name__} is unconditional: guidance_scale must be 1")
+
+    def sample_shape(self, batch_size: int, cond: Condition) -> tuple[int, ...]:
+        return (batch_size, self.channels, self.image_size, self.image_size)
+
+    @torch.no_grad()
+    def sample_latents(self, cond: Any = None, batch_size: int | None = None, sampler: str = "ddim",
+                       steps: int = 50, eta: float = 0.0, guidance_scale: float = 1.0, uncond: Any = None,
+                       generator: torch.Generator | None = None, x_T: torch.Tensor | None = None,
+                       mask: torch.Tensor | None = None, x0: torch.Tensor | None = None, start_t: int | None = None,
+                       progress: bool = False, return_intermediates: bool = False, use_ema: bool = True):
+        """Samples in the model's space (pixels, or latents for LatentDiffusion); see `sample`."""
+        if sampler not in SAMPLERS:
+            raise ValueError(f"sample: unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+        cond = self.as_condition(cond)
+        batch_size = _batch_size(batch_size, cond, x_T)
+        denoise: Callable[..., torch.Tensor] = self.apply_model
+        if guidance_scale != 1.0:
+            uncond = self.null_condition(batch_size, cond) if uncond is None else self.as_condition(uncond)
+            denoise = CFGDenoiser(self.apply_model, guidance_scale, uncond)
+        common = dict(parameterization=self.parameterization, clip_denoised=self.clip_denoised, extra_args=cond,
+                      start_t=start_t, mask=mask, x0=x0, generator=generator,
+                      return_intermediates=return_intermediates, progress=progress)
+        start = x_T if x_T is not None else self.sample_shape(batch_size, cond)
+        with self.ema_scope(enabled=use_ema):
+            if sampler == "ddpm":
+                return sample_ddpm(denoise, start, self.schedule, **common)
+            if sampler == "plms":
+                if eta != 0:
+                    raise ValueError(f"sample: the PLMS sampler is deterministic; eta must be 0, got {eta}")
+                return sample_plms(denoise, start, self.schedule, steps=steps, **common)
+            return sample_ddim(denoise, start, self.schedule, steps=steps, eta=eta, **common)
+
+    @torch.no_grad()
+    def sample(self, cond: Any = None, batch_size: int | None = None, sampler: str = "ddim", steps: int = 50,
+               eta: float = 0.0, guidance_scale: float = 1.0, uncond: Any = None,
+               generator: torch.Generator | None = None, x_T: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None, x0: torch.Tensor | None = None, start_t: int | None = None,
+               progress: bool = False, return_latents: bool = False, use_ema: bool = True):
+        """Images (B, C, H, W) in [-1, 1], and the sampled latents too with return_latents.
+
+        cond: None, `get_learned_conditioning(...)` output, or a dict of c_concat / c_crossattn / c_adm tensors.
+        sampler "ddpm" (all T steps; `steps` unused), "ddim" (`steps`, `eta`) or "plms" (`steps`).
+        guidance_scale != 1: classifier-free guidance against `uncond` (default `null_condition`).
+        x_T: the starting noise; mask (1 = known) and x0: inpainting in the sampled space; start_t: img2img;
+        generator: source of all randomness (same seed, same images); use_ema: sample with the EMA weights.
+        """
+        latents = self.sample_latents(cond, batch_size, sampler, steps, eta, guidance_scale, uncond, generator,
+                                      x_T, mask, x0, start_t, progress, use_ema=use_ema)
+        images = self.decode(latents).clamp(-1.0, 1.0)
+        return (images, latents) if return_latents else images
+
+    # ---- image logging ------------------------------------------------------------------------------------------
+    def condition_images(self, batch: Mapping[str, Any], x0: torch.Tensor,
+                         class_names: Sequence[str] | None) -> dict[str, torch.Tensor]:
+        """Extra panels (reconstructions, conditioning) of subclasses."""
+        return {}
+
+    def diffusion_row(self, x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """One grid image: each row a sample, each column q_sample at t = 0, log_every_t, 2 log_every_t, ..., T-1."""
+        ts = [t for t in range(self.num_timesteps) if t % self.log_every_t == 0 or t == self.num_timesteps - 1]
+        noise = torch.randn(x0.shape, generator=generator).to(x0)
+        schedule = self.schedule
+        columns = [self.decode(q_sample(x0, torch.full((len(x0),), t, device=x0.device), noise, schedule))
+                   for t in ts]
+        return visualization.image_grid(columns)
+
+    @torch.no_grad()
+    def log_images(self, batch: Mapping[str, Any], N: int = 8, split: str = "train", sample: bool = True,
+                   sampler: str = "ddim", ddim_steps: int = 50, ddim_eta: float = 0.0, guidance_scale: float = 1.0,
+                   plot_denoise_rows: bool = False, plot_diffusion_rows: bool = True, seed: int = 0,
+                   class_names: Sequence[str] | None = None, **ignored) -> dict[str, torch.Tensor]:
+        """name -> (N', C, H, W) in [-1, 1]: inputs, (subclass panels), diffusion_row, samples (EMA, fixed seed),
+        denoise_row (x0 predictions along the chain) and samples_cfg_scale_<s> when guidance_scale != 1."""
+        if ignored:
+            rank_zero_warn(f"{type(self).__name__}.log_images ignores {sorted(ignored)}")
+        batch = visualization.first_n(batch, N)
+        x0, cond = self.get_input(batch, drop=False)
+        generator = torch.Generator().manual_seed(seed)
+        logs = {"inputs": self.get_image(batch)} | self.condition_images(batch, x0, class_names)
+        if plot_diffusion_rows:
+            logs["diffusion_row"] = self.diffusion_row(x0, generator)
+        if sample:
+            args = dict(sampler=sampler, steps=ddim_steps, eta=ddim_eta)
+            x_T = torch.randn(self.sample_shape(len(x0), cond), generator=generator).to(self.device)
+            latents, x0_preds = self.sample_latents(cond, x_T=x_T, return_intermediates=True, **args)
+            logs["samples"] = self.decode(latents)
+            if plot_denoise_rows:
+                logs["denoise_row"] = visualization.image_grid([self.decode(p) for p in x0_preds])
+            if guidance_scale != 1.0:
+                guided = self.sample_latents(cond, x_T=x_T, guidance_scale=guidance_scale, **args)
+                logs[f"samples_cfg_scale_{guidance_scale:.2f}"] = self.decode(guided)
+        return {k: v.float().clamp(-1.0, 1.0) for k, v in logs.items()}
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        raise ConfigError(f"model.params.{name}={value!r} is not supported; choose one of {tuple(choices)}")
+
+
+def _batch_size(batch_size: int | None, cond: Condition, x_T: torch.Tensor | None) -> int:
+    """The batch size given, else that of the conditions or x_T; a mismatch is an error."""
+    sizes = {len(c) for c in cond.values()} | ({len(x_T)} if x_T is not None else set())
+    if batch_size is not None:
+        sizes.add(batch_size)
+    if not sizes:
+        raise ValueError("sample: give batch_size (or conditions or x_T to take it from)")
+    if len(sizes) != 1:
+        raise ValueError(f"sample: batch_size ({batch_size}), the conditions and x_T disagree on the batch size: "
+                         f"{sorted(sizes)}")
+    return sizes.pop()
+
+
+def lr_schedule_from_config(config: Mapping | None) -> Callable[[int], float] | None:
+    """scheduler_config -> step -> LR factor. CompVis' `*.LambdaLinearScheduler` is read from its params (that module
+    need not exist); any other target is instantiated and used through its `schedule` method or as a callable."""
+    if config is None:
+        return None
+    target = str(config.get("target", ""))
+    if target.rsplit(".", 1)[-1] == "LambdaLinearScheduler":
+        return linear_cycle_schedule(**(config.get("params") or {}))
+    get_obj_from_str(target)  # a clear error for an unknown target
+    obj = instantiate_from_config(config, where="model.params.scheduler_config")
+    fn = getattr(obj, "schedule", obj)
+    if not callable(fn):
+        raise ConfigError(f"model.params.scheduler_config: {target} is neither callable nor has a schedule(step)")
+    return fn
+
+
+def linear_cycle_schedule(warm_up_steps: Sequence[int], f_start: Sequence[float], f_max: Sequence[float],
+                          f_min: Sequence[float], cycle_lengths: Sequence[int],
+                          verbosity_interval: int = 0) -> Callable[[int], float]:
+    """CompVis LambdaLinearScheduler semantics: per cycle, f rises linearly f_start -> f_max over warm_up_steps,
+    then falls linearly from f_max towards f_min, reaching it at the cycle's end."""
+    lists = dict(warm_up_steps=warm_up_steps, f_start=f_start, f_max=f_max, f_min=f_min, cycle_lengths=cycle_lengths)
+    if len({len(v) for v in lists.values()}) != 1:
+        raise ConfigError(f"model.params.scheduler_config.params: {sorted(lists)} need one entry per cycle, "
+                          f"got {({k: len(v) for k, v in lists.items()})}")
+    starts = [sum(cycle_lengths[:i]) for i in range(len(cycle_lengths))]
+
+    def factor(step: int) -> float:
+        i = max(j for j, s in enumerate(starts) if s <= step) if step >= 0 else 0
+        n, warm, length = step - starts[i], warm_up_steps[i], cycle_lengths[i]
+        if n < warm:
+            return f_start[i] + (f_max[i] - f_start[i]) * n / warm
+        return f_min[i] + (f_max[i] - f_min[i]) * max(length - n, 0) / length
+
+    return factor

@@ -1,0 +1,100 @@
+"""Train or test a model from CompVis-style configs (`python main.py -h` lists the flags).
+
+    python main.py --base configs/autoencoder/kl_f4_photos_tiny.yaml -t [key.path=value ...]
+    python main.py -r logs/<run> -t lightning.trainer.max_steps=20000   # continue from its last.ckpt
+
+A run writes `<logdir>/<now>_<name><postfix>/` (under `<logdir>/<project>/` with -p, under
+`<logdir>/debug_runs/` with -d): `configs/` (merged project and lightning configs), `checkpoints/`,
+`images/{train,val}/` and the logger's files. DDP workers that Lightning starts re-run this script
+and inherit the launching process's timestamp ($LDM_RUN_TIMESTAMP), so every rank names the same
+logdir; only global rank 0 writes to it. Config mistakes exit with status 2 and one message.
+"""
+import argparse
+import importlib.util
+import os
+import sys
+from typing import Sequence
+
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+from pytorch_lightning.utilities import rank_zero_info
+
+from ldm import cli
+# CompVis configs name `main.ImageLogger`, `main.DataModuleFromConfig`, ...: keep those targets valid.
+from ldm.callbacks import AtomicCheckpointIO, ImageLogger, LastCheckpoint, SetupCallback  # noqa: F401
+from ldm.data.datamodule import DataModuleFromConfig  # noqa: F401
+from ldm.util import ConfigError, instantiate_from_config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    opt = cli.parse_args(sys.argv[1:] if argv is None else list(argv))
+    with cli.shared_timestamp() as now:
+        files = opt.base
+        try:
+            paths = cli.run_paths(opt, now)
+            files = paths.base
+            run(opt, paths)
+        except ConfigError as err:
+            print(f"main.py: config error: {err}\n  config files: {', '.join(files) or 'none'}"
+                  f"; overrides: {' '.join(opt.overrides) or 'none'}", file=sys.stderr)
+            return 2
+    return 0
+
+
+def run(opt: argparse.Namespace, paths: cli.RunPaths) -> None:
+    """Load the configs, build model, data and trainer, then fit and/or test."""
+    config = cli.load_config(paths.base, opt.overrides)
+    lightning_config = config.pop("lightning", None) or OmegaConf.create()
+    lightning_config.trainer = cli.trainer_config(lightning_config, opt)
+    test = cli.has_test_data(config) and not opt.no_test
+    if not opt.train and not test:
+        raise ConfigError("nothing to run: pass -t/--train, or give the data config a 'test' section")
+    pl.seed_everything(opt.seed, workers=True)
+    model = instantiate_from_config(config.model, where="model")
+    data = instantiate_from_config(config.data, where="data")
+    trainer = make_trainer(config, lightning_config, paths, model)
+    if opt.train:
+        model.learning_rate = learning_rate(config, trainer, opt.scale_lr)
+        trainer.fit(model, data, ckpt_path=paths.resume_ckpt, weights_only=True)
+    if test and not trainer.interrupted:
+        trainer.test(model, data, ckpt_path=None if opt.train else paths.resume_ckpt, weights_only=True)
+
+
+def make_trainer(config: DictConfig, lightning_config: DictConfig, paths: cli.RunPaths,
+                 model: pl.LightningModule) -> pl.Trainer:
+    """Trainer from `lightning.trainer` plus the run's logger, callbacks and atomic checkpoint IO."""
+    kwargs = OmegaConf.to_container(lightning_config.trainer, resolve=True)
+    cli.check_trainer_kwargs(kwargs, pl.Trainer)
+    tensorboard = importlib.util.find_spec("tensorboard") is not None
+    logger = cli.logger_config(paths.logdir, lightning_config.get("logger"), tensorboard)
+    callbacks = [SetupCallback(paths.now, paths.logdir, paths.ckptdir, paths.cfgdir,
+                               OmegaConf.to_container(config, resolve=True),
+                               OmegaConf.to_container(lightning_config, resolve=True)),
+                 LastCheckpoint(os.path.join(paths.ckptdir, "last.ckpt"), kwargs.get("enable_checkpointing", True))]
+    named = cli.merge_named(cli.DEFAULT_CALLBACKS, lightning_config.get("callbacks"))
+    callbacks += [instantiate_from_config(cfg, where=f"lightning.callbacks.{name}") for name, cfg in named.items()]
+    if kwargs.get("enable_checkpointing", True):
+        checkpoint = cli.checkpoint_config(paths.ckptdir, getattr(model, "monitor", None),
+                                           lightning_config.get("modelcheckpoint"))
+        callbacks.append(instantiate_from_config(checkpoint, where="lightning.modelcheckpoint"))
+    plugins = kwargs.get("plugins") or []
+    return pl.Trainer(**{**kwargs,
+                         "default_root_dir": paths.logdir,
+                         "logger": instantiate_from_config(logger, where="lightning.logger"),
+                         "callbacks": callbacks,
+                         "plugins": [AtomicCheckpointIO(), *(plugins if isinstance(plugins, list) else [plugins])]})
+
+
+def learning_rate(config: DictConfig, trainer: pl.Trainer, scale: bool) -> float:
+    """base_learning_rate, scaled by the effective batch size when `scale` (the rule is printed)."""
+    base_lr, batch_size = config.model.get("base_learning_rate"), config.data.get("params", {}).get("batch_size")
+    if base_lr is None or batch_size is None:
+        raise ConfigError("training needs model.base_learning_rate and data.params.batch_size")
+    lr, rule = cli.learning_rate(base_lr, batch_size, trainer.accumulate_grad_batches, trainer.num_devices,
+                                 trainer.num_nodes, scale)
+    rank_zero_info(rule)
+    return lr
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""A tiny LightningModule and dataset for the main.py / callback tests (seconds on CPU)."""
+import os
+import signal
+
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+
+class ToyImages(torch.utils.data.Dataset):
+    """`length` random 3 x size x size images in [-1, 1] (fixed by `seed`), as {"image", "caption"}."""
+
+    def __init__(self, length: int = 16, size: int = 8, seed: int = 0):
+        self.images = torch.rand(length, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.images[i], "caption": f"toy {i}"}
+
+
+class ToyAutoencoder(pl.LightningModule):
+    """A 1x1-conv bottleneck autoencoder with an LR scheduler, a monitor and `log_images`.
+
+    `interrupt_at` raises KeyboardInterrupt and `signal_at` sends SIGUSR1 to this process in
+    the training step of that global step (for the interruption tests).
+    """
+
+    def __init__(self, embed_dim: int = 2, monitor: str | None = "val/loss", interrupt_at: int = -1,
+                 signal_at: int = -1):
+        super().__init__()
+        self.save_hyperparameters()
+        self.encoder, self.decoder = nn.Conv2d(3, embed_dim, 1), nn.Conv2d(embed_dim, 3, 1)
+        if monitor:
+            self.monitor = monitor
+        self.learning_rate = 1e-3
+
+    def on_train_start(self) -> None:
+        print(f"[rank {self.global_rank}] logdir {self.trainer.default_root_dir}", flush=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.encoder(x))  # (B, 3, H, W)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if self.global_step == self.hparams.interrupt_at:
+            raise KeyboardInterrupt
+        if self.global_step == self.hparams.signal_at:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        loss = (self(batch["image"]) - batch["image"]).abs().mean()
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.log("val/loss", (self(batch["image"]) - batch["image"]).abs().mean(), sync_dist=True)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self.log("test/loss", (self(batch["image"]) - batch["image"]).abs().mean(), sync_dist=True)
+
+    def configure_optimizers(self):
+        opt = torch.optim.Adam(self.parameters(), lr=self.learning_rate)
+        return [opt], [torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.9)]
+
+    def log_images(self, batch: dict, split: str = "train") -> dict:
+        x = batch["image"]
+        return {"inputs": x, "reconstructions": self(x), "latents": self.encoder(x), "captions": batch["caption"]}
