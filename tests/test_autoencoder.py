@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
+from pytorch_lightning.plugins.precision import MixedPrecision
 import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
@@ -68,16 +69,16 @@ def ddconfig(**kw) -> dict:
 
 @pytest.mark.parametrize("ch_mult,f", [([1, 1, 2], 4), ([1, 1, 1, 2], 8), ([1, 1, 1, 1, 2], 16)])
 def test_encoder_decoder_shapes(ch_mult, f):
-    cfg = ddconfig(ch_mult=ch_mult, resolution=64, attn_resolutions=[64 // f])
+    cfg = ddconfig(ch_mult=ch_mult, resolution=32, attn_resolutions=[32 // f])
     enc, dec = Encoder(**cfg), Decoder(**cfg)
-    x = torch.randn(2, 3, 64, 48)
+    x = torch.randn(1, 3, 32, 48)
     moments, feats = enc(x, return_features=True)
-    assert moments.shape == (2, 8, 64 // f, 48 // f)
+    assert moments.shape == (1, 8, 32 // f, 48 // f)
     assert torch.equal(moments, enc(x))
-    assert [t.shape for t in feats] == [(2, 32 * m, 64 >> i, 48 >> i) for i, m in enumerate(ch_mult)]
-    assert dec(moments[:, :4]).shape == (2, 3, 64, 48)
-    assert dec.z_shape == (1, 4, 64 // f, 64 // f)
-    assert Encoder(**(cfg | {"double_z": False}))(x).shape == (2, 4, 64 // f, 48 // f)
+    assert [t.shape for t in feats] == [(1, 32 * m, 32 >> i, 48 >> i) for i, m in enumerate(ch_mult)]
+    assert dec(moments[:, :4]).shape == (1, 3, 32, 48)
+    assert dec.z_shape == (1, 4, 32 // f, 32 // f)
+    assert Encoder(**(cfg | {"double_z": False}))(x).shape == (1, 4, 32 // f, 48 // f)
 
 
 def _keys(prefix: str, names: list[str]) -> set[str]:
@@ -212,7 +213,7 @@ def test_kl_training_counts_batches_and_steps_discriminator_after_disc_start():
     assert all(math.isfinite(float(v)) for k, v in tr.callback_metrics.items() if k.startswith("train/"))
     assert tr.callback_metrics["train/disc_loss"] > 0
     assert [is_d for is_d, _ in model.seen] == [False, False, False, True, False, True]
-    assert all(norm <= 0.05 * (1 + 1e-4) for _, norm in model.seen)   # clipped after unscaling
+    assert all(norm <= 0.05 * (1 + 1e-4) for _, norm in model.seen)   # both optimizers clipped
     opt_g, opt_d = tr.optimizers
     assert opt_g.param_groups[0]["lr"] == pytest.approx(1e-3 * 4 / 8)  # warm-up at step 3
     assert int(model.model_ema.num_updates) == 4
@@ -223,14 +224,23 @@ def test_kl_training_counts_batches_and_steps_discriminator_after_disc_start():
     assert not torch.equal(model.encoder.conv_in.weight, ema_w)
 
 
+class ScalerStageKL(AutoencoderKL):
+    """Records the GradScaler stage of each optimizer when the clipping hook runs."""
+
+    def on_before_optimizer_step(self, optimizer):
+        self.stages.append(self.trainer.precision_plugin.scaler._per_optimizer_states[id(optimizer)]["stage"].name)
+        super().on_before_optimizer_step(optimizer)
+
+
 @pytest.mark.slow
-def test_global_step_counts_batches_under_mixed_precision():
-    model = AutoencoderKL(ddconfig(), kl_loss(disc_start=0), embed_dim=4, grad_clip=1.0)
-    model.learning_rate = 1e-4
-    tr = trainer(max_steps=3, precision="bf16-mixed")
+def test_fp16_grad_scaler_path_counts_batches_and_clips_unscaled_gradients():
+    model = ScalerStageKL(ddconfig(), kl_loss(disc_start=1), embed_dim=4, grad_clip=1.0)
+    model.stages, model.learning_rate = [], 1e-4
+    watch = DiscriminatorWatch()
+    tr = trainer(max_steps=3, callbacks=[watch], plugins=[MixedPrecision("16-mixed", device="cpu")])
     tr.fit(model, photo_loader())
-    assert tr.global_step == 3
-    assert all(math.isfinite(float(v)) for v in tr.callback_metrics.values())
+    assert tr.global_step == 3 and watch.changed == [False, True, True]
+    assert model.stages == ["UNSCALED"] * 5                           # 3 generator + 2 discriminator steps
 
 
 @pytest.mark.slow

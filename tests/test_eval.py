@@ -12,7 +12,7 @@ from ldm.eval import (EvalProtocol, GenerativeMetrics, InceptionFeatures, ProbeA
                       centre_in_box, check_probe_accuracy, evaluate_probe, load_or_train_probe, probe_cache_dir,
                       psnr, rgb_to_y, ssim)
 from ldm.eval.features import as_unit_float
-from ldm.eval.probe import render_split, train_probe
+from ldm.eval.probe import GRID, centre_cell, dominance, render_split, train_probe
 from ldm.losses import build_lpips
 
 TINY_PROBE = ProbeSettings(train_length=64, val_length=32, epochs=1, batch_size=32, width=8, feature_dim=16)
@@ -254,6 +254,15 @@ def test_centre_in_box_and_iou_hand_cases():
     assert torch.allclose(box_iou(boxes, other), torch.tensor([1.0, 1 / 3]))
 
 
+def test_dominance_and_centre_cell_hand_cases():
+    objects = torch.tensor([[[0, .1, .1, .5, .5], [1, .6, .6, .8, .8]],   # longer sides 0.4 and 0.2
+                            [[2, .0, .0, .3, .2], [-1, 0, 0, 0, 0]]])      # alone
+    ratio = dominance(objects)
+    assert ratio[0].item() == pytest.approx(2.0) and math.isinf(ratio[1].item())
+    boxes = torch.tensor([[0.0, 0.0, 0.1, 0.1], [0.9, 0.9, 1.0, 1.0], [0.2, 0.6, 0.3, 0.7]])
+    assert centre_cell(boxes).tolist() == [0, GRID * GRID - 1, 5 * GRID + 2]  # row 5, column 2
+
+
 @pytest.fixture(scope="module")
 def tiny_probe_data():
     return render_split("train", TINY_PROBE.train_length, TINY_PROBE)
@@ -265,6 +274,7 @@ def test_probe_data_holds_the_dominant_object(tiny_probe_data):
     box = data["box"]
     assert (box[:, 2] > box[:, 0]).all() and (box[:, 3] > box[:, 1]).all()
     assert set(data["class"].tolist()) <= {0, 1, 2, 3} and set(data["color"].tolist()) <= {0, 1, 2, 3}
+    assert (data["dominance"] >= 1).all()  # row 0 is the largest
 
 
 def test_probe_training_is_deterministic_under_a_seed(tiny_probe_data):
@@ -284,7 +294,8 @@ def test_probe_cache_is_keyed_by_settings_and_reused(tmp_path, monkeypatch):
         first = load_or_train_probe(TINY_PROBE, strict=False, num_workers=0, log=logs.append)
     assert first.path == tmp_path / "root" / "probe" / f"shapes-probe-{TINY_PROBE.key()}.pt"
     assert first.sha256 == hashlib.sha256(first.path.read_bytes()).hexdigest()
-    assert set(first.report) == {"class", "color", "class_and_color", "centre_in_box", "box_iou"}
+    rates = {"class", "color", "class_and_color", "centre_in_box", "box_iou"}
+    assert set(first.report) == rates | {f"{k}_clear" for k in rates} | {"clear_fraction"}
     n_logs = len(logs)
     with pytest.raises(ProbeAccuracyError, match="verdicts do not count"):
         load_or_train_probe(TINY_PROBE, strict=True, log=logs.append)
@@ -293,13 +304,15 @@ def test_probe_cache_is_keyed_by_settings_and_reused(tmp_path, monkeypatch):
 
 
 def test_check_probe_accuracy_names_the_weak_attribute():
-    good = {"class": 0.99, "color": 1.0, "class_and_color": 0.99, "centre_in_box": 0.985, "box_iou": 0.8}
+    good = {"class_clear": 0.99, "color_clear": 1.0, "centre_in_box_clear": 0.985, "class": 0.95, "box_iou": 0.8}
     assert check_probe_accuracy(good)
-    with pytest.raises(ProbeAccuracyError, match="\\['color'\\]"):
-        check_probe_accuracy({**good, "color": 0.9})
+    with pytest.raises(ProbeAccuracyError, match="\\['color_clear'\\]"):
+        check_probe_accuracy({**good, "color_clear": 0.9})
+    with pytest.raises(ProbeAccuracyError, match="centre_in_box_clear"):
+        check_probe_accuracy({**good, "centre_in_box_clear": float("nan")})  # no clear image: not passed
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert not check_probe_accuracy({**good, "color": 0.9}, strict=False)
+        assert not check_probe_accuracy({**good, "color_clear": 0.9}, strict=False)
 
 
 def test_probe_rejects_wrong_image_size():

@@ -49,7 +49,7 @@ def as_uint8(imgs: torch.Tensor, where: str) -> torch.Tensor:
 
 
 def inception_weights_path(weights_path: str | os.PathLike | None = None) -> Path:
-    """Where the Inception weights are read from: `weights_path`, else torch.hub.get_dir()/checkpoints/INCEPTION_FILE."""
+    """`weights_path` if given, else torch.hub.get_dir()/checkpoints/INCEPTION_FILE."""
     if weights_path is not None:
         return Path(weights_path)
     return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE

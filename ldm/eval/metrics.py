@@ -123,6 +123,8 @@ class GenerativeMetrics(nn.Module):
     compute() -> {fid, kid_mean, kid_std, kid_subset_size, is_mean, is_std} for the enabled metrics; KID's
     subset size is min(kid_subset_size, samples per side) so small validation sets work (the value used
     is returned). reset_real_features=False keeps the real statistics across reset() (a fixed reference).
+    As an attribute of a LightningModule it adds the extractor's weights to the checkpoint; keep it out
+    of the module's state (e.g. build it in on_validation_start) where checkpoints must load strictly.
     """
 
     def __init__(self, extractor: nn.Module, fid: bool = True, kid: bool = True, inception_score: bool = True,

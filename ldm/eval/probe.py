@@ -5,6 +5,11 @@ cached under `probe_cache_dir()` in a file keyed by its settings. Its held-out a
 with the weights; `check_probe_accuracy` refuses (or warns) when an attribute is below the bar, so
 evaluation verdicts ("requested class", "colour and shape both right", "centre inside the requested
 box") only count from a probe that reads real images correctly.
+
+The bar is checked on the held-out images whose dominant object is clear (alone, or its box side
+>= CLEAR_RATIO x the runner-up's; about 90% of Shapes(max_objects=2)): Shapes labels the object with
+the larger square as dominant even when two are within a fraction of a pixel of each other, so on
+the rest the label is not visible in the image. Rates on all images are reported beside them.
 """
 import hashlib
 import json
@@ -24,7 +29,8 @@ from ldm.data.shapes import COLORS, SHAPE_CLASSES, Shapes
 
 PROBE_VERSION = 1        # part of the cache key: bump when the network or the training recipe changes
 ACCURACY_BAR = 0.98      # each checked attribute must reach this on held-out real images
-CHECKED = ("class", "color", "centre_in_box")  # attributes the bar applies to; box_iou is stated only
+CLEAR_RATIO = 1.1        # "clear" image: one object, or the dominant box's longer side >= 1.1x any other's
+CHECKED = ("class_clear", "color_clear", "centre_in_box_clear")  # the bar's attributes; box_iou is stated only
 IMAGE_SIZE = 32
 GRID = 8                 # the dominant object's centre is classified into GRID x GRID cells (4 px at 32 px)
 
@@ -45,7 +51,7 @@ class ProbeSettings:
     batch_size: int = 128
     lr: float = 2e-3           # Adam, cosine decay to 0
     box_weight: float = 5.0    # weight of the L1 box loss against the two cross-entropies
-    width: int = 32            # channels of the first conv (then 2x, 4x, 4x)
+    width: int = 16            # channels of the first conv (then 2x, 4x, 4x)
     feature_dim: int = 128     # penultimate features (the probe-FID feature space)
 
     def key(self) -> str:
@@ -61,7 +67,7 @@ def _conv(c_in: int, c_out: int) -> nn.Sequential:
 class ShapesProbe(nn.Module):
     """(B, 3, 32, 32) images in [-1, 1] -> dominant object's class/colour logits, box, features."""
 
-    def __init__(self, width: int = 32, feature_dim: int = 128):
+    def __init__(self, width: int = 16, feature_dim: int = 128):
         super().__init__()
         w = width
         self.body = nn.Sequential(_conv(3, w), nn.MaxPool2d(2),           # 32 -> 16
@@ -121,8 +127,11 @@ def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     w = (torch.minimum(a[:, 2], b[:, 2]) - torch.maximum(a[:, 0], b[:, 0])).clamp(min=0)
     h = (torch.minimum(a[:, 3], b[:, 3]) - torch.maximum(a[:, 1], b[:, 1])).clamp(min=0)
     inter = w * h
-    area = lambda r: (r[:, 2] - r[:, 0]).clamp(min=0) * (r[:, 3] - r[:, 1]).clamp(min=0)  # noqa: E731
-    return inter / (area(a) + area(b) - inter).clamp(min=1e-12)
+    return inter / (_area(a) + _area(b) - inter).clamp(min=1e-12)
+
+
+def _area(box: torch.Tensor) -> torch.Tensor:
+    return (box[:, 2] - box[:, 0]).clamp(min=0) * (box[:, 3] - box[:, 1]).clamp(min=0)  # (B,)
 
 
 def render_split(split: str, length: int, settings: ProbeSettings, num_workers: int = 0) -> dict[str, torch.Tensor]:
@@ -130,13 +139,22 @@ def render_split(split: str, length: int, settings: ProbeSettings, num_workers: 
     data = Shapes(split=split, size=IMAGE_SIZE, length=length, seed=settings.data_seed,
                   max_objects=settings.max_objects)
     loader = torch.utils.data.DataLoader(data, batch_size=256, num_workers=num_workers)
-    parts: dict[str, list[torch.Tensor]] = {"image": [], "class": [], "color": [], "box": []}
+    parts: dict[str, list[torch.Tensor]] = {"image": [], "class": [], "color": [], "box": [], "dominance": []}
     for batch in loader:
         parts["image"].append(((batch["image"] + 1) * 127.5).round().to(torch.uint8))  # exact inverse of to_tensor
         parts["class"].append(batch["class_label"])
         parts["color"].append(batch["color_label"])
         parts["box"].append(batch["objects"][:, 0, 1:])  # row 0 is the largest object
+        parts["dominance"].append(dominance(batch["objects"]))
     return {k: torch.cat(v) for k, v in parts.items()}
+
+
+def dominance(objects: torch.Tensor) -> torch.Tensor:
+    """(B, N, 5) object rows, largest first -> (B,) longer box side of row 0 over the longest other (inf if alone)."""
+    boxes = objects[..., 1:]
+    side = torch.maximum(boxes[..., 2] - boxes[..., 0], boxes[..., 3] - boxes[..., 1])  # (B, N)
+    others = side[:, 1:].masked_fill(objects[:, 1:, 0] < 0, 0).amax(1)                # (B,) 0 when alone
+    return side[:, 0] / others
 
 
 def _as_input(images_uint8: torch.Tensor) -> torch.Tensor:
@@ -180,25 +198,34 @@ def train_probe(settings: ProbeSettings, train: dict[str, torch.Tensor],
 
 @torch.no_grad()
 def evaluate_probe(probe: ShapesProbe, data: dict[str, torch.Tensor], batch_size: int = 500) -> dict[str, float]:
-    """Held-out accuracies: class, color, class_and_color, centre_in_box (predicted centre in the true box), box_iou."""
+    """Held-out rates on all images and on the clear ones (suffix `_clear`, share in `clear_fraction`).
+
+    class, color, class_and_color: the dominant object's attributes; centre_in_box: predicted centre
+    inside the true box; box_iou: mean IoU of the regressed box (stated, not checked).
+    """
     probe.eval()
-    hits = {"class": 0.0, "color": 0.0, "class_and_color": 0.0, "centre_in_box": 0.0, "box_iou": 0.0}
-    n = len(data["class"])
-    for start in range(0, n, batch_size):
+    rows: dict[str, list[torch.Tensor]] = {k: [] for k in ("class", "color", "class_and_color", "centre_in_box",
+                                                           "box_iou")}
+    for start in range(0, len(data["class"]), batch_size):
         sl = slice(start, start + batch_size)
         pred = probe.predict(_as_input(data["image"][sl]))
         cls_ok, col_ok = pred["class"] == data["class"][sl], pred["color"] == data["color"][sl]
-        hits["class"] += cls_ok.sum().item()
-        hits["color"] += col_ok.sum().item()
-        hits["class_and_color"] += (cls_ok & col_ok).sum().item()
-        hits["centre_in_box"] += centre_in_box(pred["centre"], data["box"][sl]).sum().item()
-        hits["box_iou"] += box_iou(pred["box"], data["box"][sl]).sum().item()
-    return {k: v / n for k, v in hits.items()}
+        rows["class"].append(cls_ok)
+        rows["color"].append(col_ok)
+        rows["class_and_color"].append(cls_ok & col_ok)
+        rows["centre_in_box"].append(centre_in_box(pred["centre"], data["box"][sl]))
+        rows["box_iou"].append(box_iou(pred["box"], data["box"][sl]))
+    clear = data["dominance"] >= CLEAR_RATIO
+    report = {"clear_fraction": clear.float().mean().item()}
+    for key, parts in rows.items():
+        values = torch.cat(parts).float()
+        report[key], report[f"{key}_clear"] = values.mean().item(), values[clear].mean().item()
+    return report
 
 
 def check_probe_accuracy(report: dict[str, float], bar: float = ACCURACY_BAR, strict: bool = True) -> bool:
     """True when every CHECKED attribute reaches `bar`; otherwise raise ProbeAccuracyError (strict) or warn."""
-    low = {k: report[k] for k in CHECKED if report[k] < bar}
+    low = {k: report[k] for k in CHECKED if not report[k] >= bar}  # NaN (empty subset) fails too
     if not low:
         return True
     msg = (f"Shapes probe below the {bar:.0%} held-out accuracy bar on {sorted(low)} "

@@ -98,9 +98,9 @@ class AutoencoderBase(pl.LightningModule):
         if not any(k.startswith("encoder.") for k in sd) and any(k.startswith("first_stage_model.") for k in sd):
             sd = {k[len("first_stage_model."):]: v for k, v in sd.items() if k.startswith("first_stage_model.")}
         ignore = tuple(ignore_keys)
-        dropped = [k for k in sd if (ignore and k.startswith(ignore))
+        dropped = {k for k in sd if (ignore and k.startswith(ignore))
                    or (k.startswith("loss.") and not self.has_training_loss())
-                   or (k.startswith("model_ema.") and not self.use_ema)]
+                   or (k.startswith("model_ema.") and not self.use_ema)}
         sd = {k: v for k, v in sd.items() if k not in dropped}
         ema_in_file = any(k.startswith("model_ema.") for k in sd)
         try:
