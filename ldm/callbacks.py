@@ -4,7 +4,6 @@ import os
 import signal
 import threading
 import time
-import uuid
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -17,6 +16,8 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_info
 from torchvision.utils import make_grid
+
+from ldm.checkpoint import save_checkpoint_atomic
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -31,19 +32,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = os.fspath(path)
         if storage_options is not None or "://" in path:
             return super().save_checkpoint(checkpoint, path, storage_options)
-        folder, name = os.path.split(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:8]}.tmp")
-        try:
-            with open(tmp, "xb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        save_checkpoint_atomic(checkpoint, path)
 
     def load_checkpoint(self, path, map_location: Optional[Callable] = lambda storage, loc: storage,
                         weights_only: Optional[bool] = None) -> dict[str, Any]:
