@@ -62,11 +62,6 @@ class InceptionFeatures(nn.Module):
 
     def __init__(self, weights_path: str | os.PathLike | None = None):
         super().__init__()
-        try:
-            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-        except ModuleNotFoundError as err:
-            raise ModuleNotFoundError("InceptionFeatures needs the `torch-fidelity` package "
-                                      "(pip install torch-fidelity), or use the 'probe' extractor") from err
         path = inception_weights_path(weights_path)
         if not path.is_file():
             raise FileNotFoundError(
@@ -74,6 +69,11 @@ class InceptionFeatures(nn.Module):
                 f"{INCEPTION_URL} on a machine with internet and place it at {path} "
                 f"(folder = torch.hub.get_dir()/checkpoints; set TORCH_HOME to move it), or pass "
                 f"weights_path=<file>; offline on Shapes, use the 'probe' extractor instead.")
+        try:
+            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        except ModuleNotFoundError as err:
+            raise ModuleNotFoundError("InceptionFeatures needs the `torch-fidelity` package "
+                                      "(pip install torch-fidelity), or use the 'probe' extractor") from err
         self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
                                                feature_extractor_weights_path=str(path))
         self.net.requires_grad_(False)

@@ -15,6 +15,8 @@ and maps them to [0, 1] by (x + 1) / 2 (clamped). The protocols, also written in
 - FID/KID/IS: torchmetrics' FrechetInceptionDistance, KernelInceptionDistance and InceptionScore on
   the features of a named extractor (`ldm.eval.features`), images quantised to uint8 (as a saved PNG).
 """
+import warnings
+
 import torch
 import torch.nn as nn
 from torchmetrics import Metric
@@ -138,11 +140,13 @@ class GenerativeMetrics(nn.Module):
         self.extractor_name, self.extractor_sha256 = extractor.name, extractor.weights_sha256
         self.kid_subset_size = kid_subset_size
         self.fid = FrechetInceptionDistance(feature=extractor, reset_real_features=reset_real_features) if fid else None
-        self.kid = KernelInceptionDistance(feature=extractor, subsets=kid_subsets, subset_size=kid_subset_size,
-                                           reset_real_features=reset_real_features) if kid else None
         has_logits = getattr(extractor, "logits", None) is not None
-        self.inception_score = (InceptionScore(feature=LogitsView(extractor), splits=is_splits)
-                                if inception_score and has_logits else None)
+        with warnings.catch_warnings():  # KID/IS warn that they keep every feature: known, (N, D) is small here
+            warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+            self.kid = KernelInceptionDistance(feature=extractor, subsets=kid_subsets, subset_size=kid_subset_size,
+                                               reset_real_features=reset_real_features) if kid else None
+            self.inception_score = (InceptionScore(feature=LogitsView(extractor), splits=is_splits)
+                                    if inception_score and has_logits else None)
 
     def update(self, images: torch.Tensor, real: bool) -> None:
         imgs = (to_unit(images, "GenerativeMetrics.update") * 255).round().to(torch.uint8)  # (B, 3, H, W)

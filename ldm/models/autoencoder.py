@@ -261,13 +261,20 @@ class AutoencoderBase(pl.LightningModule):
 
 
 class AutoencoderKL(AutoencoderBase):
-    """KL-regularised autoencoder: encode(x) is a diagonal Gaussian over (B, embed_dim, H/f, W/f) latents."""
+    """KL-regularised autoencoder: encode(x) is a diagonal Gaussian over (B, embed_dim, H/f, W/f) latents.
+
+    posterior_logvar_init (not in CompVis) starts the posterior's log-variance near that value (the
+    logvar half of quant_conv's bias) instead of ~0. With the tiny KL weights used in practice the
+    variance ends up small anyway; starting small skips a long early phase in which unit-variance
+    sampling noise drowns the latents (useful for short runs). Loaded checkpoints override it.
+    """
 
     def __init__(self, ddconfig: Mapping, lossconfig: Mapping, embed_dim: int, ckpt_path: str | None = None,
                  ignore_keys: Sequence[str] = (), image_key: str = "image", colorize_nlabels: int | None = None,
                  monitor: str | None = None, use_ema: bool = False, ema_decay: float = 0.9999,
                  grad_clip: float | None = None, lr_warmup_steps: int = 0, lr_g_factor: float = 1.0,
-                 scheduler_config: Mapping | None = None, batch_resize_range: Sequence[int] | None = None):
+                 scheduler_config: Mapping | None = None, batch_resize_range: Sequence[int] | None = None,
+                 posterior_logvar_init: float | None = None):
         super().__init__(ddconfig, lossconfig, embed_dim, image_key=image_key, colorize_nlabels=colorize_nlabels,
                          monitor=monitor, use_ema=use_ema, ema_decay=ema_decay, grad_clip=grad_clip,
                          lr_warmup_steps=lr_warmup_steps, lr_g_factor=lr_g_factor, scheduler_config=scheduler_config,
@@ -277,6 +284,9 @@ class AutoencoderKL(AutoencoderBase):
         z_channels = ddconfig["z_channels"]
         self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, kernel_size=1)
         self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, kernel_size=1)
+        if posterior_logvar_init is not None:
+            with torch.no_grad():
+                self.quant_conv.bias[embed_dim:].fill_(posterior_logvar_init)
         self._finish_init(ckpt_path, ignore_keys)
 
     def _autoencoder_modules(self) -> dict[str, nn.Module]:
