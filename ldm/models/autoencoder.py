@@ -7,7 +7,6 @@ precision plugin (AMP scaling, clipping hook) but not through LightningOptimizer
 count a second step per batch in Lightning 2.
 """
 import contextlib
-import os
 from typing import Any, Mapping, Sequence
 
 import pytorch_lightning as pl
@@ -17,6 +16,7 @@ import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_info
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
+from ldm.checkpoint import read_state_dict
 from ldm.modules.autoencoder import Decoder, Encoder
 from ldm.modules.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma, ema_scope
@@ -24,20 +24,6 @@ from ldm.modules.quantize import VectorQuantizer
 from ldm.util import ConfigError, instantiate_from_config
 
 DEFAULT_BASE_LR = 4.5e-6  # CompVis base_learning_rate; main.py overrides `learning_rate`
-
-
-def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
-    """The state dict stored in a Lightning/CompVis `.ckpt` (its `state_dict` entry) or a `.safetensors` file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist (ckpt_path)")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-        return load_file(path, device="cpu")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle errors name no file
-        raise RuntimeError(f"cannot load checkpoint {path!r} with torch.load(weights_only=True): {err}") from err
-    return ckpt["state_dict"] if isinstance(ckpt, Mapping) and "state_dict" in ckpt else ckpt
 
 
 class AutoencoderBase(pl.LightningModule):
@@ -94,7 +80,7 @@ class AutoencoderBase(pl.LightningModule):
         `loss.*` is dropped without a training loss (and may be absent with one), `model_ema.*` is dropped
         without use_ema (and re-initialised from the loaded weights when absent with it). A full LDM file
         is accepted too: its `first_stage_model.*` keys are used."""
-        sd = load_state_dict_file(path)
+        sd = read_state_dict(path)
         if not any(k.startswith("encoder.") for k in sd) and any(k.startswith("first_stage_model.") for k in sd):
             sd = {k[len("first_stage_model."):]: v for k, v in sd.items() if k.startswith("first_stage_model.")}
         ignore = tuple(ignore_keys)

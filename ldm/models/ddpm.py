@@ -14,11 +14,11 @@ import torch.nn as nn
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from ldm import visualization
+from ldm.checkpoint import read_state_dict
 from ldm.diffusion import (BUFFER_NAMES, PARAMETERIZATIONS, CFGDenoiser, DiffusionSchedule, lvlb_weights,
                            make_schedule, q_sample, sample_ddim, sample_ddpm, sample_plms, sample_timesteps,
                            target_for, training_loss)
 from ldm.diffusion.losses import LOSS_TYPES
-from ldm.models.autoencoder import load_state_dict_file
 from ldm.models.diffusion_wrapper import DiffusionWrapper
 from ldm.modules.ema import LitEma, ema_scope
 from ldm.util import ConfigError, get_obj_from_str, instantiate_from_config
@@ -105,7 +105,7 @@ class DDPM(pl.LightningModule):
         is dropped without use_ema and re-initialised from the loaded U-Net when the file has none.
         only_model (load_only_unet): load only the `model.diffusion_model.*` keys."""
         ignore = tuple(ignore_keys)
-        sd = {k: v for k, v in load_state_dict_file(path).items() if not (ignore and k.startswith(ignore))}
+        sd = {k: v for k, v in read_state_dict(path).items() if not (ignore and k.startswith(ignore))}
         if only_model:
             sd = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.diffusion_model.")}
             if not sd:
