@@ -1,0 +1,32 @@
+"""Bicubic down-and-up sampling of the held-out Photos crops: the reference beside autoencoder figures.
+
+    python scripts/bicubic_baseline.py --factor 4 --size 64     # same crops as kl/vq_f4_photos_tiny validation
+"""
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+from ldm.data.photos import Photos
+from ldm.eval.metrics import psnr, ssim
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--factor", type=int, default=4)
+    p.add_argument("--size", type=int, default=64)
+    opt = p.parse_args(argv)
+    data = Photos("validation", size=opt.size)
+    x = torch.stack([data[i]["image"] for i in range(len(data))])                  # (N, 3, S, S) in [-1, 1]
+    lr = F.interpolate(x, scale_factor=1 / opt.factor, mode="bicubic", antialias=True)
+    up = F.interpolate(lr, size=x.shape[-2:], mode="bicubic").clamp(-1, 1)
+    result = {"crops": len(x), "size": opt.size, "factor": opt.factor, "downscale": "bicubic, antialiased",
+              "psnr_mean_per_image": round(float(psnr(up, x).mean()), 3),
+              "ssim_mean_per_image": round(float(ssim(up, x).mean()), 4)}
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
