@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_info
 
 from ldm import cli
+from ldm.checkpoint import UnsafeCheckpointError, unsafe_pickle_allowed
 # CompVis configs name `main.ImageLogger`, `main.DataModuleFromConfig`, ...: keep those targets valid.
 from ldm.callbacks import AtomicCheckpointIO, ImageLogger, LastCheckpoint, SetupCallback  # noqa: F401
 from ldm.data.datamodule import DataModuleFromConfig  # noqa: F401
@@ -33,7 +34,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             paths = cli.run_paths(opt, now)
             files = paths.base
-            run(opt, paths)
+            with unsafe_pickle_allowed(opt.unsafe_pickle):
+                run(opt, paths)
+        except UnsafeCheckpointError as err:
+            print(f"main.py: error: {err}", file=sys.stderr)
+            return 2
         except ConfigError as err:
             print(f"main.py: config error: {err}\n  config files: {', '.join(files) or 'none'}"
                   f"; overrides: {' '.join(opt.overrides) or 'none'}", file=sys.stderr)
@@ -55,9 +60,10 @@ def run(opt: argparse.Namespace, paths: cli.RunPaths) -> None:
     trainer = make_trainer(config, lightning_config, paths, model)
     if opt.train:
         model.learning_rate = learning_rate(config, trainer, opt.scale_lr)
-        trainer.fit(model, data, ckpt_path=paths.resume_ckpt, weights_only=True)
+        trainer.fit(model, data, ckpt_path=paths.resume_ckpt, weights_only=not opt.unsafe_pickle)
     if test and not trainer.interrupted:
-        trainer.test(model, data, ckpt_path=None if opt.train else paths.resume_ckpt, weights_only=True)
+        trainer.test(model, data, ckpt_path=None if opt.train else paths.resume_ckpt,
+                     weights_only=not opt.unsafe_pickle)
 
 
 def make_trainer(config: DictConfig, lightning_config: DictConfig, paths: cli.RunPaths,

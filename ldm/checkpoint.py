@@ -1,6 +1,8 @@
 """Checkpoint files: safe reading of `.ckpt`/`.pt` (weights-only unpickling) and `.safetensors`, atomic saving,
 and the key-matching report (missing / unexpected keys grouped by prefix, shape mismatches with both shapes).
 """
+import contextlib
+import contextvars
 import logging
 import os
 import pickle
@@ -20,6 +22,19 @@ except ImportError:  # numpy < 2
 log = logging.getLogger(__name__)
 
 UNSAFE_PICKLE_FLAGS = "allow_pickle=True (CLI: --unsafe-pickle)"
+# set by unsafe_pickle_allowed(): the opt-in of a whole command (main.py --unsafe-pickle), for reads deep inside
+# model constructors (`ckpt_path` of a config) that have no allow_pickle argument of their own
+_UNSAFE_OPT_IN = contextvars.ContextVar("ldm_unsafe_pickle", default=False)
+
+
+@contextlib.contextmanager
+def unsafe_pickle_allowed(allowed: bool = True):
+    """Within the block every read_checkpoint allows arbitrary unpickling when `allowed` (trusted files only)."""
+    token = _UNSAFE_OPT_IN.set(bool(allowed))
+    try:
+        yield
+    finally:
+        _UNSAFE_OPT_IN.reset(token)
 
 
 class UnsafeCheckpointError(RuntimeError):
@@ -71,13 +86,14 @@ def read_checkpoint(path: str | os.PathLike, *, allow_pickle: bool = False) -> A
 
     Pickle files are read with `torch.load(weights_only=True)`: tensors and plain containers only (plus the
     inert metadata of Lightning 1.x files). A file needing arbitrary unpickling raises UnsafeCheckpointError
-    unless allow_pickle=True, which runs whatever code the file names: only for files you trust.
+    unless allow_pickle=True (or inside unsafe_pickle_allowed()), which runs whatever code the file names: only
+    for files you trust.
     """
     path = _require_file(path)
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
         return load_file(path, device="cpu")
-    if allow_pickle:
+    if allow_pickle or _UNSAFE_OPT_IN.get():
         log.warning("unpickling %s with allow_pickle=True: any code in the file runs (trusted files only)", path)
         return torch.load(path, map_location="cpu", weights_only=False)
     try:

@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not test after training (testing runs only when data has a test section)")
     p.add_argument("-r", "--resume", default="", metavar="LOGDIR|CKPT",
                    help="resume from a logdir (its checkpoints/last.ckpt) or from a checkpoint inside one")
+    p.add_argument("--unsafe-pickle", action="store_true",
+                   help="allow arbitrary (code-executing) unpickling of the -r checkpoint and of configs' ckpt_path "
+                        "files that weights-only loading refuses: only for files you trust")
     p.add_argument("-n", "--name", default="", help="run name (default: stem of the first --base file)")
     p.add_argument("-f", "--postfix", default="", help="appended to the run directory name")
     p.add_argument("-l", "--logdir", default="logs", help="root folder of the run directories")

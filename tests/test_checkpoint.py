@@ -9,8 +9,10 @@ import torch.nn as nn
 from pytorch_lightning.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 
+from ldm import cli
 from ldm.checkpoint import (CheckpointMismatchError, InertObject, UnsafeCheckpointError, compare_state_dict,
-                            group_keys, read_checkpoint, read_state_dict, save_checkpoint_atomic, save_safetensors)
+                            group_keys, read_checkpoint, read_state_dict, save_checkpoint_atomic, save_safetensors,
+                            unsafe_pickle_allowed)
 from ldm.loading import load_weights
 
 
@@ -69,6 +71,23 @@ def test_allow_pickle_is_the_explicit_opt_in_and_does_run_the_payload(tmp_path):
     torch.save({"state_dict": random_sd(), "extra": Payload(marker)}, path)
     sd = read_state_dict(path, allow_pickle=True)                    # the refusal above guards a real payload
     assert marker.exists() and torch.equal(sd["betas"], random_sd()["betas"])
+
+
+def test_main_py_unsafe_pickle_is_a_per_command_opt_in_for_nested_reads(tmp_path):
+    """main.py --unsafe-pickle: configs' ckpt_path files are read deep inside model constructors."""
+    assert cli.parse_args(["-b", "x.yaml", "--unsafe-pickle"]).unsafe_pickle
+    assert not cli.parse_args(["-b", "x.yaml"]).unsafe_pickle
+    marker = tmp_path / "payload_ran"
+    torch.save({"state_dict": random_sd(), "extra": Payload(marker)}, tmp_path / "evil.ckpt")
+    with unsafe_pickle_allowed(False), pytest.raises(UnsafeCheckpointError):
+        read_state_dict(tmp_path / "evil.ckpt")
+    with unsafe_pickle_allowed():
+        read_state_dict(tmp_path / "evil.ckpt")
+    assert marker.exists()
+    marker.unlink()
+    with pytest.raises(UnsafeCheckpointError):                        # the opt-in ends with its block
+        read_state_dict(tmp_path / "evil.ckpt")
+    assert not marker.exists()
 
 
 def test_lightning1_metadata_loads_without_running_its_code(tmp_path):

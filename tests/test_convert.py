@@ -33,20 +33,19 @@ def offline(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
 
 
-def convert_cli(*argv):
-    spec = importlib.util.spec_from_file_location("convert_script", REPO / "scripts" / "convert.py")
+def script(name):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.main([str(a) for a in argv])
+    return module
 
 
-def randomized(model, seed=0):
-    """Every parameter ~ N(0, 0.1^2) (no zero-initialised branches), eval mode."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
-    return model.eval()
+REPORT = script("convert_roundtrip_report")
+randomized = REPORT.randomized          # every parameter ~ N(0, 0.1^2) (no zero-initialised branches), eval mode
+
+
+def convert_cli(*argv):
+    return script("convert").main([str(a) for a in argv])
 
 
 def config_of(model):
@@ -107,12 +106,9 @@ def test_unet2d_model_class_conditional_gives_the_same_noise_prediction(new_orde
 
 
 def first_stage(kind):
-    blocks = dict(in_channels=3, out_channels=3, block_out_channels=(32, 64), layers_per_block=1, sample_size=16,
-                  down_block_types=("DownEncoderBlock2D", "AttnDownEncoderBlock2D"),
-                  up_block_types=("AttnUpDecoderBlock2D", "UpDecoderBlock2D"))
     if kind == "kl":
-        return randomized(diffusers.AutoencoderKL(latent_channels=4, **blocks))
-    return randomized(diffusers.VQModel(latent_channels=3, vq_embed_dim=4, num_vq_embeddings=16, **blocks))
+        return randomized(diffusers.AutoencoderKL(latent_channels=4, **REPORT.BLOCKS))
+    return randomized(diffusers.VQModel(latent_channels=3, vq_embed_dim=4, num_vq_embeddings=16, **REPORT.BLOCKS))
 
 
 @pytest.mark.parametrize("kind", ["kl", "vq"])
