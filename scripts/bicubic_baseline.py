@@ -6,10 +6,10 @@ import argparse
 import json
 
 import torch
-import torch.nn.functional as F
 
 from ldm.data.photos import Photos
 from ldm.eval.metrics import psnr, ssim
+from ldm.eval.reconstruction import BICUBIC, bicubic_down_up
 
 
 def main(argv=None) -> dict:
@@ -19,9 +19,8 @@ def main(argv=None) -> dict:
     opt = p.parse_args(argv)
     data = Photos("validation", size=opt.size)
     x = torch.stack([data[i]["image"] for i in range(len(data))])                  # (N, 3, S, S) in [-1, 1]
-    lr = F.interpolate(x, scale_factor=1 / opt.factor, mode="bicubic", antialias=True)
-    up = F.interpolate(lr, size=x.shape[-2:], mode="bicubic").clamp(-1, 1)
-    result = {"crops": len(x), "size": opt.size, "factor": opt.factor, "downscale": "bicubic, antialiased",
+    up = bicubic_down_up(x, opt.factor)
+    result = {"crops": len(x), "size": opt.size, "factor": opt.factor, "method": BICUBIC,
               "psnr_mean_per_image": round(float(psnr(up, x).mean()), 3),
               "ssim_mean_per_image": round(float(ssim(up, x).mean()), 4)}
     print(json.dumps(result))

@@ -133,6 +133,18 @@ def test_bad_ddconfig_errors_name_the_key():
         Decoder(**ddconfig(attn_type="linear"))
     with pytest.raises(ValueError, match="divisible by 32"):
         Encoder(**ddconfig(ch=16))
+    with pytest.raises(ConfigError, match="norm_type='batch'"):
+        Decoder(**ddconfig(norm_type="batch"))
+
+
+def test_norm_type_none_drops_every_norm_and_keeps_the_rest_of_the_layout():
+    cfg = ddconfig(ch_mult=[1, 2], resolution=16, attn_resolutions=[8])
+    for net in (Encoder, Decoder):
+        plain, grouped = net(**cfg, norm_type="none"), net(**cfg)
+        assert not any(isinstance(m, torch.nn.GroupNorm) for m in plain.modules())
+        norm_keys = {k for k in grouped.state_dict() if "norm" in k.rsplit(".", 2)[-2]}
+        assert norm_keys and set(plain.state_dict()) == set(grouped.state_dict()) - norm_keys
+    assert Decoder(**cfg, norm_type="none")(torch.randn(2, 4, 8, 8)).shape == (2, 3, 16, 16)
 
 
 # ---- Lightning modules -----------------------------------------------------------------------------------------

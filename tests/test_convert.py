@@ -250,3 +250,11 @@ def test_unsafe_pickle_is_refused_unless_opted_in(tmp_path, capsys):
     assert "--unsafe-pickle" in capsys.readouterr().err
     assert convert_cli("--to", "safetensors", "--ckpt", tmp_path / "p.ckpt", "--out", tmp_path / "p.safetensors",
                        "--unsafe-pickle") == 0
+
+
+def test_autoencoder_settings_without_a_diffusers_counterpart_are_named():
+    from ldm.convert.vae import check_ddconfig
+    dd = {"ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1, "attn_resolutions": [], "resolution": 16}
+    assert check_ddconfig(dd, "x.yaml")["norm_type"] == "group"
+    with pytest.raises(ConversionError, match=r"x.yaml: ddconfig setting\(s\) \{'norm_type': 'none'\}"):
+        check_ddconfig({**dd, "norm_type": "none"}, "x.yaml")

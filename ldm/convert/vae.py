@@ -20,7 +20,7 @@ ATTENTION = ConvAsLinear({"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "
 # attention names of diffusers files saved before diffusers 0.14
 _OLD_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 _DDCONFIG_DEFAULTS = {"dropout": 0.0, "resamp_with_conv": True, "attn_type": "vanilla", "use_linear_attn": False,
-                      "give_pre_end": False, "tanh_out": False, "out_norm": True, "double_z": True}
+                      "give_pre_end": False, "tanh_out": False, "norm_type": "group", "double_z": True}
 
 
 def level_has_attention(dd: Mapping[str, Any], level: int) -> bool:
@@ -78,8 +78,10 @@ def autoencoder_from_diffusers(sd: Mapping[str, torch.Tensor], dd: Mapping[str, 
 def check_ddconfig(dd: Mapping[str, Any], source: str) -> dict[str, Any]:
     """The ddconfig with defaults; settings diffusers cannot express are a ConversionError."""
     dd = {**_DDCONFIG_DEFAULTS, **dd}
-    bad = {k: dd[k] for k in ("resamp_with_conv", "give_pre_end", "tanh_out", "out_norm", "use_linear_attn")
-           if dd[k] != (k in ("resamp_with_conv", "out_norm"))}
+    bad = {k: dd[k] for k in ("resamp_with_conv", "give_pre_end", "tanh_out", "use_linear_attn")
+           if dd[k] != (k == "resamp_with_conv")}
+    if dd["norm_type"] != "group":
+        bad["norm_type"] = dd["norm_type"]
     if dd["attn_type"] not in ("vanilla", "vanilla-xformers", "none"):
         bad["attn_type"] = dd["attn_type"]
     if dd["attn_type"] == "none" and list(dd["attn_resolutions"]):

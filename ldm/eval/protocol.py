@@ -35,7 +35,8 @@ def now_iso() -> str:
 _TYPES: dict[str, type | tuple[type, ...]] = {
     "num_samples": int, "sampler": str, "steps": int, "eta": (int, float), "guidance_scale": (int, float),
     "seed": int, "image_size": int, "feature_extractor": str, "feature_extractor_sha256": str,
-    "data_split": str, "dataset": str, "date": str, "machine": str, "metrics": dict, "definitions": dict,
+    "data_split": str, "dataset": str, "checkpoint": str, "notes": str, "date": str, "machine": str,
+    "metrics": dict, "definitions": dict,
 }
 
 
@@ -53,6 +54,8 @@ class EvalProtocol:
     feature_extractor_sha256: str     # SHA-256 of the extractor's weights file
     data_split: str                   # reference split, e.g. "validation"
     dataset: str = ""                 # reference data set, e.g. "Shapes(max_objects=2)"
+    checkpoint: str = ""              # the evaluated model's checkpoint file
+    notes: str = ""                   # anything else a reader needs (baselines, metric variants)
     date: str = field(default_factory=now_iso)
     machine: str = field(default_factory=machine_description)
     metrics: dict[str, float] = field(default_factory=dict)

@@ -62,6 +62,16 @@ class AutoencoderBase(pl.LightningModule):
     def _reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W) -> its reconstruction as evaluation sees it (posterior mode / quantised latents)."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self._reconstruct(x)[0]
+        finally:
+            self.train(was_training)
+
     def _ema_targets(self) -> nn.ModuleDict:
         """The autoencoder proper (not the loss); EMA keys read `model_ema.encoderconv_inweight` etc."""
         return nn.ModuleDict(self._autoencoder_modules())

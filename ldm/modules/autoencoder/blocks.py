@@ -6,11 +6,24 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ldm.util import ConfigError
+
 NUM_GROUPS = 32
+NORM_TYPES = ("group", "none")
 
 
-def Normalize(channels: int) -> nn.GroupNorm:
-    """GroupNorm with 32 groups and eps 1e-6, as in the CompVis autoencoder."""
+def Normalize(channels: int, norm_type: str = "group") -> nn.Module:
+    """GroupNorm with 32 groups and eps 1e-6, as in the CompVis autoencoder; or, with norm_type "none", the identity.
+
+    GroupNorm removes each image's per-group mean and scale, so absolute colour levels must travel through the
+    residual paths; a small net (ch 32: one channel per group) learns that slowly and spends its first thousands
+    of steps on per-image colour offsets. "none" trains several dB further in the same time on CPU budgets
+    (README, stage one); its models have no norm weights, so they do not load CompVis checkpoints.
+    """
+    if norm_type == "none":
+        return nn.Identity()
+    if norm_type != "group":
+        raise ConfigError(f"ddconfig.norm_type={norm_type!r} is not supported; use one of {list(NORM_TYPES)}")
     if channels % NUM_GROUPS != 0:
         raise ValueError(f"Normalize: {channels} channels are not divisible by {NUM_GROUPS} groups; "
                          f"choose ddconfig.ch (times each ch_mult) as a multiple of {NUM_GROUPS}")
@@ -20,13 +33,14 @@ def Normalize(channels: int) -> nn.GroupNorm:
 class ResnetBlock(nn.Module):
     """norm -> SiLU -> conv3x3 -> norm -> SiLU -> dropout -> conv3x3, plus a (1x1 `nin_shortcut`) skip."""
 
-    def __init__(self, in_channels: int, out_channels: int | None = None, dropout: float = 0.0):
+    def __init__(self, in_channels: int, out_channels: int | None = None, dropout: float = 0.0,
+                 norm_type: str = "group"):
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.norm1 = Normalize(in_channels)
+        self.norm1 = Normalize(in_channels, norm_type)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1)
-        self.norm2 = Normalize(out_channels)
+        self.norm2 = Normalize(out_channels, norm_type)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1)
         if in_channels != out_channels:
@@ -43,9 +57,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over all H*W positions with 1x1-conv q, k, v and output projection."""
 
-    def __init__(self, in_channels: int):
+    def __init__(self, in_channels: int, norm_type: str = "group"):
         super().__init__()
-        self.norm = Normalize(in_channels)
+        self.norm = Normalize(in_channels, norm_type)
         self.q = nn.Conv2d(in_channels, in_channels, kernel_size=1)
         self.k = nn.Conv2d(in_channels, in_channels, kernel_size=1)
         self.v = nn.Conv2d(in_channels, in_channels, kernel_size=1)

@@ -2,6 +2,8 @@
 
 Both take the same `ddconfig` mapping; each ignores the other's keys (Encoder: out_ch, give_pre_end,
 tanh_out; Decoder: double_z) and rejects anything else with an error naming the key.
+`norm_type` (ours, default "group" as in CompVis; "none" for small fast-training nets) is described in
+`blocks.Normalize`.
 """
 from typing import Any, Sequence
 
@@ -14,7 +16,7 @@ from ldm.util import ConfigError
 
 DDCONFIG_KEYS = {"ch", "out_ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout", "resamp_with_conv",
                  "in_channels", "resolution", "z_channels", "double_z", "use_linear_attn", "attn_type",
-                 "give_pre_end", "tanh_out"}
+                 "give_pre_end", "tanh_out", "norm_type"}
 
 
 def _check_ignored(owner: str, ignored: dict[str, Any]) -> None:
@@ -23,10 +25,10 @@ def _check_ignored(owner: str, ignored: dict[str, Any]) -> None:
         raise ConfigError(f"{owner}: unknown ddconfig key(s) {unknown}; accepted: {sorted(DDCONFIG_KEYS)}")
 
 
-def make_attn(channels: int, attn_type: str) -> nn.Module:
+def make_attn(channels: int, attn_type: str, norm_type: str = "group") -> nn.Module:
     """`vanilla` (also CompVis' `vanilla-xformers`: same weights) self-attention, or `none` (identity)."""
     if attn_type in ("vanilla", "vanilla-xformers"):
-        return AttnBlock(channels)
+        return AttnBlock(channels, norm_type)
     if attn_type == "none":
         return nn.Identity()
     raise ConfigError(f"ddconfig.attn_type={attn_type!r} is not supported (CompVis' linear attention included); "
@@ -43,7 +45,8 @@ class Encoder(nn.Module):
     def __init__(self, *, ch: int, ch_mult: Sequence[int] = (1, 2, 4, 8), num_res_blocks: int,
                  attn_resolutions: Sequence[int], dropout: float = 0.0, resamp_with_conv: bool = True,
                  in_channels: int, resolution: int, z_channels: int, double_z: bool = True,
-                 use_linear_attn: bool = False, attn_type: str = "vanilla", **ignore: Any):
+                 use_linear_attn: bool = False, attn_type: str = "vanilla", norm_type: str = "group",
+                 **ignore: Any):
         super().__init__()
         _check_ignored("Encoder", ignore)
         attn_type = _attn_type(attn_type, use_linear_attn)
@@ -59,19 +62,19 @@ class Encoder(nn.Module):
             block_in = ch * in_ch_mult[i_level]
             block_out = ch * ch_mult[i_level]
             for _ in range(num_res_blocks):
-                level.block.append(ResnetBlock(block_in, block_out, dropout))
+                level.block.append(ResnetBlock(block_in, block_out, dropout, norm_type))
                 block_in = block_out
                 if curr_res in attn_resolutions:
-                    level.attn.append(make_attn(block_in, attn_type))
+                    level.attn.append(make_attn(block_in, attn_type, norm_type))
             if i_level != self.num_resolutions - 1:
                 level.downsample = Downsample(block_in, resamp_with_conv)
                 curr_res //= 2
             self.down.append(level)
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout)
-        self.mid.attn_1 = make_attn(block_in, attn_type)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout)
-        self.norm_out = Normalize(block_in)
+        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout, norm_type)
+        self.mid.attn_1 = make_attn(block_in, attn_type, norm_type)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout, norm_type)
+        self.norm_out = Normalize(block_in, norm_type)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor, return_features: bool = False):
@@ -102,7 +105,8 @@ class Decoder(nn.Module):
     def __init__(self, *, ch: int, out_ch: int, ch_mult: Sequence[int] = (1, 2, 4, 8), num_res_blocks: int,
                  attn_resolutions: Sequence[int], dropout: float = 0.0, resamp_with_conv: bool = True,
                  in_channels: int | None = None, resolution: int, z_channels: int, give_pre_end: bool = False,
-                 tanh_out: bool = False, use_linear_attn: bool = False, attn_type: str = "vanilla", **ignore: Any):
+                 tanh_out: bool = False, use_linear_attn: bool = False, attn_type: str = "vanilla", norm_type: str = "group",
+                 **ignore: Any):
         super().__init__()
         _check_ignored("Decoder", ignore)
         attn_type = _attn_type(attn_type, use_linear_attn)
@@ -114,25 +118,25 @@ class Decoder(nn.Module):
         self.z_shape = (1, z_channels, curr_res, curr_res)
         self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, padding=1)
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout)
-        self.mid.attn_1 = make_attn(block_in, attn_type)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout)
+        self.mid.block_1 = ResnetBlock(block_in, block_in, dropout, norm_type)
+        self.mid.attn_1 = make_attn(block_in, attn_type, norm_type)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, dropout, norm_type)
         levels = []
         for i_level in reversed(range(self.num_resolutions)):
             level = nn.Module()
             level.block, level.attn = nn.ModuleList(), nn.ModuleList()
             block_out = ch * ch_mult[i_level]
             for _ in range(num_res_blocks + 1):
-                level.block.append(ResnetBlock(block_in, block_out, dropout))
+                level.block.append(ResnetBlock(block_in, block_out, dropout, norm_type))
                 block_in = block_out
                 if curr_res in attn_resolutions:
-                    level.attn.append(make_attn(block_in, attn_type))
+                    level.attn.append(make_attn(block_in, attn_type, norm_type))
             if i_level != 0:
                 level.upsample = Upsample(block_in, resamp_with_conv)
                 curr_res *= 2
             levels.insert(0, level)                                # up[0] is full resolution
         self.up = nn.ModuleList(levels)
-        self.norm_out = Normalize(block_in)
+        self.norm_out = Normalize(block_in, norm_type)
         self.conv_out = nn.Conv2d(block_in, out_ch, kernel_size=3, padding=1)
 
     def forward_mid(self, z: torch.Tensor) -> torch.Tensor:
