@@ -61,6 +61,11 @@ def test_reconstruction_json_holds_numbers_and_protocol(ae_files, tmp_path, caps
     assert metrics["autoencoder/psnr"] == pytest.approx(float(psnr(model.reconstruct(x).clamp(-1, 1), x).mean()),
                                                         abs=1e-3)
     assert metrics["bicubic/psnr"] > metrics["autoencoder/psnr"]          # an untrained autoencoder
+    torch.manual_seed(123)                                                 # whatever ran before
+    assert main(["--config", str(root / "ae.yaml"), "--ckpt", str(root / "ae.ckpt"), "--task", "reconstruction",
+                 "--out", str(tmp_path / "again.json"), "--lpips", "random", "--fid", "none"]) == 0
+    again = json.loads((tmp_path / "again.json").read_text())["metrics"]
+    assert again == metrics                                                # the random trunk is seeded
 
 
 def test_bad_input_is_a_clear_error(ae_files, tmp_path, capsys):

@@ -68,6 +68,7 @@ def run_reconstruction(opt: argparse.Namespace, loaded: sampling_cli.Loaded) -> 
         raise ConfigError(f"--task reconstruction needs an autoencoder; {type(model).__name__} is not one")
     dataset = split_dataset(loaded.config, opt.split, " + ".join(loaded.files))
     factor = 2 ** (len(model.encoder.down) - 1)
+    torch.manual_seed(opt.seed)  # a random LPIPS trunk is the same in every evaluation with this seed
     lpips_net = None if opt.lpips == "none" else build_lpips(opt.lpips == "pretrained").to(device)
     extractor = None if opt.fid == "none" else build_feature_extractor("inception", opt.inception_weights).to(device)
     total = len(dataset) if opt.n is None else min(opt.n, len(dataset))

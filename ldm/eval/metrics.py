@@ -34,6 +34,8 @@ METRIC_DEFINITIONS = {
     "psnr_y": "PSNR on BT.601 Y = (16 + 65.481 R + 128.553 G + 24.966 B)/255 from RGB in [0,1], data range 1",
     "ssim_y": "SSIM on the same BT.601 Y channel, data range 1",
     "lpips": "lpips package distance on [-1,1] inputs, mean over images",
+    "lpips_random_trunk": "the same with a randomly initialised VGG trunk (offline stand-in for LPIPS; its "
+                          "calibrated heads expect ImageNet features, so not comparable with published LPIPS)",
     "fid": "torchmetrics FrechetInceptionDistance on the named extractor's features, uint8 images",
     "kid": "torchmetrics KernelInceptionDistance (cubic polynomial kernel) mean/std over subsets",
     "is": "torchmetrics InceptionScore on the named extractor's logits (generated images only), 10 splits",
