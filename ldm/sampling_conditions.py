@@ -284,7 +284,7 @@ def inpainting_conditions(opt: argparse.Namespace, model: nn.Module, config: Dic
     if len(opt.masks) not in (1, len(opt.images)):
         raise SamplingError(f"--mask: give one mask, or one per --image ({len(opt.images)}); got {len(opt.masks)}")
     encoder = getattr(model.first_stage_model, "encoder", None)
-    f = 2 ** (encoder.num_resolutions - 1) if encoder is not None else 1
+    f = encoder.downsampling_factor if encoder is not None else 1
     m = f * 2 ** (len(model.model.diffusion_model.channel_mult) - 1)
     out = []
     for i, path in enumerate(opt.images):

@@ -67,7 +67,7 @@ def run_reconstruction(opt: argparse.Namespace, loaded: sampling_cli.Loaded) -> 
     if not hasattr(model, "reconstruct"):
         raise ConfigError(f"--task reconstruction needs an autoencoder; {type(model).__name__} is not one")
     dataset = split_dataset(loaded.config, opt.split, " + ".join(loaded.files))
-    factor = 2 ** (len(model.encoder.down) - 1)
+    factor = model.encoder.downsampling_factor
     torch.manual_seed(opt.seed)  # a random LPIPS trunk is the same in every evaluation with this seed
     lpips_net = None if opt.lpips == "none" else build_lpips(opt.lpips == "pretrained").to(device)
     extractor = None if opt.fid == "none" else build_feature_extractor("inception", opt.inception_weights).to(device)
@@ -79,10 +79,10 @@ def run_reconstruction(opt: argparse.Namespace, loaded: sampling_cli.Loaded) -> 
     if opt.lpips == "random":
         for numbers in results.values():
             numbers["lpips_random_trunk"] = numbers.pop("lpips")
-    metrics = {f"{arm}/{k}": v for arm, numbers in results.items() for k, v in numbers.items() if k != "images"}
-    size = int(next(iter(image_batches(dataset, 1))).shape[-1])
+    counts = ("images", "image_size")
+    metrics = {f"{arm}/{k}": v for arm, numbers in results.items() for k, v in numbers.items() if k not in counts}
     return EvalProtocol(num_samples=results["autoencoder"]["images"], sampler="reconstruction", steps=0, eta=0.0,
-                        guidance_scale=1.0, seed=opt.seed, image_size=size,
+                        guidance_scale=1.0, seed=opt.seed, image_size=results["autoencoder"]["image_size"],
                         feature_extractor=getattr(extractor, "name", "none"),
                         feature_extractor_sha256=getattr(extractor, "weights_sha256", ""),
                         data_split=opt.split, dataset=type(dataset).__name__, checkpoint=loaded.ckpt,

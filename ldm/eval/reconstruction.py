@@ -38,7 +38,8 @@ def image_batches(dataset: Dataset, batch_size: int, limit: int | None = None,
 def evaluate_reconstruction(model: nn.Module, batches: Iterable[torch.Tensor], device: torch.device,
                             lpips_net: nn.Module | None = None, extractor: nn.Module | None = None,
                             bicubic_factor: int | None = None, progress=None) -> dict[str, dict[str, float]]:
-    """{"autoencoder": {...}, "bicubic": {...}} with psnr, ssim (and lpips, fid) means over all images.
+    """{"autoencoder": {...}, "bicubic": {...}} with psnr, ssim (and lpips, fid) means over all images, the image
+    count and the image side (`images`, `image_size`).
 
     model.reconstruct(x) gives the reconstruction; `extractor` (ldm.eval.features) enables rFID (reconstructions
     against the inputs); bicubic_factor adds the bicubic reference on the same images.
@@ -49,10 +50,10 @@ def evaluate_reconstruction(model: nn.Module, batches: Iterable[torch.Tensor], d
     quality = {name: ReconstructionMetrics(lpips_net).to(device) for name in arms}
     fid = {name: GenerativeMetrics(extractor, kid=False, inception_score=False).to(device)
            for name in arms} if extractor is not None else {}
-    count = 0
+    count, size = 0, 0
     for x in batches:
         x = x.to(device)
-        count += len(x)
+        count, size = count + len(x), x.shape[-1]
         for name, reconstruct in arms.items():
             xrec = reconstruct(x).clamp(-1, 1)
             quality[name].update(xrec, x)
@@ -66,5 +67,5 @@ def evaluate_reconstruction(model: nn.Module, batches: Iterable[torch.Tensor], d
         numbers = {k: float(v) for k, v in quality[name].compute().items()}
         if name in fid:
             numbers["rfid"] = float(fid[name].compute()["fid"])
-        results[name] = numbers | {"images": count}
+        results[name] = numbers | {"images": count, "image_size": int(size)}
     return results

@@ -77,6 +77,11 @@ class Encoder(nn.Module):
         self.norm_out = Normalize(block_in, norm_type)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, kernel_size=3, padding=1)
 
+    @property
+    def downsampling_factor(self) -> int:
+        """f: an (H, W) image gives (H/f, W/f) latents."""
+        return 2 ** (self.num_resolutions - 1)
+
     def forward(self, x: torch.Tensor, return_features: bool = False):
         """Moments, and with return_features the per-level features: level L is (B, ch*ch_mult[L], H/2^L, W/2^L),
         taken after the level's blocks, before its downsampling."""
