@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `make demo`: the whole two-stage pipeline on the embedded Shapes data, on the CPU.
-#   1. stage one: a KL-f4 autoencoder (32x32 images -> 3x8x8 latents)
+#   1. stage one: a KL-f2 autoencoder (32x32 images -> 3x16x16 latents)
 #   2. stage two: a text-conditional latent diffusion model on its frozen latents
 #      (the packaged all-MiniLM-L6-v2 encoder feeds cross-attention)
 #   3. samples for a few prompts with classifier-free guidance -> outputs/demo/samples/grid.png
@@ -15,8 +15,8 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
 rm -rf "$OUT"
 mkdir -p "$OUT"
-echo "== stage one: KL-f4 autoencoder on Shapes ($AE_STEPS steps)"
-$PY main.py -b configs/autoencoder/kl_f4_shapes_tiny.yaml -t -l "$OUT/logs" -n stage1 \
+echo "== stage one: KL-f2 autoencoder on Shapes ($AE_STEPS steps)"
+$PY main.py -b configs/autoencoder/kl_f2_shapes_tiny.yaml -t -l "$OUT/logs" -n stage1 \
     lightning.trainer.max_steps="$AE_STEPS"
 AE=$(ls -d "$OUT"/logs/*_stage1 | tail -n 1)
 

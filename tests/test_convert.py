@@ -68,7 +68,10 @@ UNET_COND = {
     "sd2": dict(layers_per_block=(1, 2), block_out_channels=(32, 64), attention_head_dim=(2, 4), cross_attention_dim=16,
                 use_linear_projection=True, transformer_layers_per_block=2, num_class_embeds=3,
                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D",
-                                                                                          "UpBlock2D"))}
+                                                                                          "UpBlock2D")),
+    "groups8": dict(layers_per_block=1, block_out_channels=(32, 64), attention_head_dim=2, cross_attention_dim=16,
+                    norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))}
 
 
 @pytest.mark.parametrize("variant", sorted(UNET_COND))

@@ -306,15 +306,15 @@ def test_probe_cache_is_keyed_by_settings_and_reused(tmp_path, monkeypatch):
 
 
 def test_check_probe_accuracy_names_the_weak_attribute():
-    good = {"class_clear": 0.99, "color_clear": 1.0, "centre_in_box_clear": 0.985, "class": 0.95, "box_iou": 0.8}
+    good = {"class": 0.99, "color": 1.0, "centre_in_box": 0.985, "class_clear": 0.95, "box_iou": 0.8}
     assert check_probe_accuracy(good)
-    with pytest.raises(ProbeAccuracyError, match="\\['color_clear'\\]"):
-        check_probe_accuracy({**good, "color_clear": 0.9})
-    with pytest.raises(ProbeAccuracyError, match="centre_in_box_clear"):
-        check_probe_accuracy({**good, "centre_in_box_clear": float("nan")})  # no clear image: not passed
+    with pytest.raises(ProbeAccuracyError, match="\\['color'\\]"):
+        check_probe_accuracy({**good, "color": 0.9})
+    with pytest.raises(ProbeAccuracyError, match="centre_in_box"):
+        check_probe_accuracy({**good, "centre_in_box": float("nan")})  # nothing measured: not passed
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert not check_probe_accuracy({**good, "color_clear": 0.9}, strict=False)
+        assert not check_probe_accuracy({**good, "color": 0.9}, strict=False)
 
 
 def test_probe_rejects_wrong_image_size():

@@ -419,7 +419,7 @@ def test_task_datasets_add_lr_image_and_mask():
 
 # ---- the tiny configs through main.py ------------------------------------------------------------------------------
 CONFIGS = sorted((REPO / "configs" / "diffusion").glob("*_tiny.yaml"))
-AUTOENCODER = {"shapes": REPO / "configs" / "autoencoder" / "kl_f4_shapes_tiny.yaml",
+AUTOENCODER = {"shapes": REPO / "configs" / "autoencoder" / "kl_f2_shapes_tiny.yaml",
                "photos": REPO / "configs" / "autoencoder" / "kl_f4_photos_tiny.yaml"}
 
 

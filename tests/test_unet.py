@@ -209,6 +209,15 @@ def test_cross_attention_unet_forward_and_gradients_reach_every_parameter():
     assert not torch.allclose(out, other)
 
 
+def test_norm_num_groups_sets_every_group_norm_and_must_divide_the_channels():
+    groups = {m.num_groups for m in UNetModel(**{**TINY, "norm_num_groups": 8}).modules()
+              if isinstance(m, torch.nn.GroupNorm)}
+    assert groups == {8}
+    assert {m.num_groups for m in tiny().modules() if isinstance(m, torch.nn.GroupNorm)} == {32}  # CompVis
+    with pytest.raises(ValueError, match="not divisible by 12 groups"):
+        UNetModel(**{**TINY, "norm_num_groups": 12})
+
+
 def test_context_list_is_joined_along_tokens_and_scalar_timesteps_broadcast():
     model = randomize_(tiny()).eval()
     x, _, context = inputs()

@@ -14,7 +14,7 @@ COND, PLAIN = "UNet2DConditionModel", "UNet2DModel"
 UNET_TARGET = "ldm.modules.diffusionmodules.unet.UNetModel"
 
 # diffusers settings our U-Net has fixed (missing keys take diffusers' defaults, which are these)
-_FIXED = {"flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu", "norm_num_groups": 32, "norm_eps": 1e-5,
+_FIXED = {"flip_sin_to_cos": True, "freq_shift": 0, "act_fn": "silu", "norm_eps": 1e-5,
           "downsample_padding": 1, "mid_block_scale_factor": 1, "center_input_sample": False,
           "time_embedding_type": "positional", "class_embed_type": None, "conv_in_kernel": 3, "conv_out_kernel": 3,
           "addition_embed_type": None, "encoder_hid_dim": None, "time_cond_proj_dim": None,
@@ -101,14 +101,14 @@ def to_diffusers_unet(params: Mapping[str, Any], source: str = "unet_config") ->
               "attention_head_dim": _heads_config(p, channels, source), "dropout": p["dropout"],
               "resnet_time_scale_shift": "scale_shift" if p["use_scale_shift_norm"] else "default",
               "num_class_embeds": p["num_classes"], "flip_sin_to_cos": True, "freq_shift": 0,
-              "norm_num_groups": 32, "norm_eps": 1e-5, "act_fn": "silu", "downsample_padding": 1}
+              "norm_num_groups": p["norm_num_groups"], "norm_eps": 1e-5, "act_fn": "silu", "downsample_padding": 1}
     if cond:
         config.update(mid_block_type="UNetMidBlock2DCrossAttn", cross_attention_dim=p["context_dim"],
                       transformer_layers_per_block=p["transformer_depth"],
                       use_linear_projection=bool(p["use_linear_in_transformer"]), only_cross_attention=False,
                       upcast_attention=False)
     else:
-        config.update(add_attention=True, attn_norm_num_groups=32)
+        config.update(add_attention=True, attn_norm_num_groups=p["norm_num_groups"])
     return config["_class_name"], config
 
 
@@ -117,6 +117,9 @@ def _check_fixed(config: Mapping[str, Any], source: str) -> None:
     if config.get("_class_name") == PLAIN and config.get("resnet_time_scale_shift") == "scale_shift" \
             and config.get("attn_norm_num_groups") is None:
         bad["attn_norm_num_groups"] = None  # the middle attention then has no group norm: not our layout
+    groups = config.get("norm_num_groups", 32)
+    if config.get("attn_norm_num_groups") not in (None, groups):
+        bad["attn_norm_num_groups"] = config["attn_norm_num_groups"]  # ours: one group count everywhere
     if bad:
         raise ConversionError(f"{source}: diffusers setting(s) {bad} have no counterpart in ldm's UNetModel "
                               f"(supported: {', '.join(f'{k}={_FIXED[k]!r}' for k in bad if k in _FIXED)})")
@@ -176,6 +179,7 @@ def from_diffusers_unet(config: Mapping[str, Any], source: str = "unet/config.js
               "attention_resolutions": [2 ** i for i, a in enumerate(attn) if a], "dropout": config.get("dropout", 0.0),
               "use_scale_shift_norm": config.get("resnet_time_scale_shift", "default") == "scale_shift",
               "num_classes": config.get("num_class_embeds"), "legacy": False,
+              **({} if config.get("norm_num_groups", 32) == 32 else {"norm_num_groups": config["norm_num_groups"]}),
               **_heads_params(config, channels, attn, source)}
     if name == COND:
         depth = config.get("transformer_layers_per_block", 1)

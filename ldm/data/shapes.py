@@ -22,6 +22,7 @@ COLORS = ("red", "green", "blue", "yellow")
 COLOR_RGB = {"red": (214, 40, 40), "green": (36, 158, 62), "blue": (40, 86, 224), "yellow": (240, 206, 40)}
 SIZES = ("small", "large")
 SIZE_RANGE = {"small": (0.22, 0.30), "large": (0.40, 0.48)}  # side of an object's square, fraction of the image
+MIN_DOMINANCE = 1.25  # the largest object's square side over every other's: the labelled object is visibly largest
 DEFAULT_HOLDOUT_PAIRS = (("red", "triangle"), ("blue", "circle"))
 SPLITS = {"train": 0, "validation": 1, "test": 2}  # mixed into the seed: splits never share a stream
 MAX_OBJECTS = 4       # more do not reliably fit without overlap
@@ -148,8 +149,9 @@ def render(objects: Sequence[ShapeObject], bg: np.ndarray, colors: np.ndarray) -
 class Shapes(torch.utils.data.Dataset):
     """Procedural shapes -> {image, class_label, color_label, caption, objects, segmentation}.
 
-    `class_label`/`color_label` describe the largest object. `holdout="exclude"` never draws a
-    (colour, shape) pair of `holdout_pairs`; `holdout="only"` makes the largest object one of them.
+    `class_label`/`color_label` describe the largest object, whose square side is at least `min_dominance`
+    times every other's (so an image shows which object its labels describe). `holdout="exclude"` never
+    draws a (colour, shape) pair of `holdout_pairs`; `holdout="only"` makes the largest object one of them.
     """
 
     def __init__(self,
@@ -161,7 +163,8 @@ class Shapes(torch.utils.data.Dataset):
                  max_objects: int = 2,                   # at most MAX_OBJECTS
                  max_objects_pad: int = 4,               # rows of `objects` (padding class -1)
                  holdout: str | None = None,             # None | "exclude" | "only"
-                 holdout_pairs: Sequence[Sequence[str]] = DEFAULT_HOLDOUT_PAIRS):
+                 holdout_pairs: Sequence[Sequence[str]] = DEFAULT_HOLDOUT_PAIRS,
+                 min_dominance: float = MIN_DOMINANCE):     # >= 1; 1 allows equal sizes
         if split not in SPLITS:
             raise ValueError(f"Shapes: split must be one of {tuple(SPLITS)}, got {split!r}")
         if not 1 <= min_objects <= max_objects <= min(MAX_OBJECTS, max_objects_pad):
@@ -170,11 +173,13 @@ class Shapes(torch.utils.data.Dataset):
                              f"max_objects_pad={max_objects_pad}")
         if holdout not in (None, "exclude", "only"):
             raise ValueError(f"Shapes: holdout must be None, 'exclude' or 'only', got {holdout!r}")
+        if not min_dominance >= 1:
+            raise ValueError(f"Shapes: min_dominance must be >= 1, got {min_dominance}")
         if size < 8 or length <= 0:
             raise ValueError(f"Shapes: need size >= 8 and length > 0, got size={size}, length={length}")
         self.split, self.size, self.length, self.seed = split, size, length, seed
         self.min_objects, self.max_objects, self.max_objects_pad = min_objects, max_objects, max_objects_pad
-        self.holdout = holdout
+        self.holdout, self.min_dominance = holdout, min_dominance
         held = pair_indices(holdout_pairs)
         every = list(itertools.product(range(len(COLORS)), range(len(SHAPE_CLASSES))))
         kept = [p for p in every if p not in held]
@@ -193,6 +198,8 @@ class Shapes(torch.utils.data.Dataset):
         for _ in range(100):
             sizes = [SIZES[int(rng.integers(2))] for _ in range(n)]
             extents = sorted((rng.uniform(*SIZE_RANGE[s]), s) for s in sizes)[::-1]
+            if n > 1 and extents[0][0] < self.min_dominance * extents[1][0]:
+                continue
             placed: list[ShapeObject] = []
             for (extent, word), pool in zip(extents, pairs):
                 color, shape = pool[int(rng.integers(len(pool)))]

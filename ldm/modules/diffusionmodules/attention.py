@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ldm.modules.diffusionmodules.layers import checkpoint, normalization, zero_module
+from ldm.modules.diffusionmodules.layers import NUM_GROUPS, checkpoint, normalization, zero_module
 
 
 class CrossAttention(nn.Module):
@@ -96,11 +96,11 @@ class SpatialTransformer(nn.Module):
 
     def __init__(self, in_channels: int, n_heads: int, d_head: int, depth: int = 1, dropout: float = 0.0,
                  context_dim: int | None = None, disable_self_attn: bool = False, use_linear: bool = False,
-                 use_checkpoint: bool = False):
+                 use_checkpoint: bool = False, norm_num_groups: int = NUM_GROUPS):
         super().__init__()
         inner_dim = n_heads * d_head
         self.use_linear = use_linear
-        self.norm = normalization(in_channels, eps=1e-6)
+        self.norm = normalization(in_channels, eps=1e-6, num_groups=norm_num_groups)
         if use_linear:
             self.proj_in = nn.Linear(in_channels, inner_dim)
             self.proj_out = zero_module(nn.Linear(inner_dim, in_channels))
@@ -156,7 +156,8 @@ class AttentionBlock(nn.Module):
     """
 
     def __init__(self, channels: int, num_heads: int = 1, num_head_channels: int = -1,
-                 use_new_attention_order: bool = False, use_checkpoint: bool = False):
+                 use_new_attention_order: bool = False, use_checkpoint: bool = False,
+                 norm_num_groups: int = NUM_GROUPS):
         super().__init__()
         if num_head_channels != -1:
             if channels % num_head_channels:
@@ -168,7 +169,7 @@ class AttentionBlock(nn.Module):
         self.num_heads = num_heads
         self.new_order = use_new_attention_order
         self.use_checkpoint = use_checkpoint
-        self.norm = normalization(channels)
+        self.norm = normalization(channels, num_groups=norm_num_groups)
         self.qkv = nn.Conv1d(channels, 3 * channels, kernel_size=1)
         self.proj_out = zero_module(nn.Conv1d(channels, channels, kernel_size=1))
 

@@ -4,7 +4,8 @@ from typing import Callable, Union
 import torch
 import torch.nn as nn
 
-from ldm.modules.diffusionmodules.layers import Downsample, Upsample, checkpoint, normalization, zero_module
+from ldm.modules.diffusionmodules.layers import (NUM_GROUPS, Downsample, Upsample, checkpoint, normalization,
+                                                 zero_module)
 
 # SFT modulation of one ResBlock: a pair (alpha, beta) broadcastable to its features h (B, C, H, W),
 # or a callable h -> (alpha, beta). Applied as h <- (1 + alpha) * h + beta right after `out_layers.0` (the norm).
@@ -31,7 +32,7 @@ class ResBlock(nn.Module):
 
     def __init__(self, channels: int, emb_channels: int, dropout: float = 0.0, out_channels: int | None = None,
                  use_conv: bool = False, use_scale_shift_norm: bool = False, use_checkpoint: bool = False,
-                 up: bool = False, down: bool = False):
+                 up: bool = False, down: bool = False, norm_num_groups: int = NUM_GROUPS):
         super().__init__()
         if up and down:
             raise ValueError("ResBlock: up and down cannot both be set")
@@ -39,7 +40,7 @@ class ResBlock(nn.Module):
         self.out_channels = out_channels or channels
         self.use_scale_shift_norm = use_scale_shift_norm
         self.use_checkpoint = use_checkpoint
-        self.in_layers = nn.Sequential(normalization(channels), nn.SiLU(),
+        self.in_layers = nn.Sequential(normalization(channels, num_groups=norm_num_groups), nn.SiLU(),
                                        nn.Conv2d(channels, self.out_channels, kernel_size=3, padding=1))
         self.updown = up or down
         if up:
@@ -51,7 +52,7 @@ class ResBlock(nn.Module):
         emb_out = 2 * self.out_channels if use_scale_shift_norm else self.out_channels
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, emb_out))
         self.out_layers = nn.Sequential(
-            normalization(self.out_channels), nn.SiLU(), nn.Dropout(p=dropout),
+            normalization(self.out_channels, num_groups=norm_num_groups), nn.SiLU(), nn.Dropout(p=dropout),
             zero_module(nn.Conv2d(self.out_channels, self.out_channels, kernel_size=3, padding=1)))
         if self.out_channels == channels:
             self.skip_connection = nn.Identity()

@@ -12,7 +12,7 @@ import torch.nn as nn
 
 from ldm.modules.diffusionmodules.attention import AttentionBlock, SpatialTransformer
 from ldm.modules.diffusionmodules.embeddings import timestep_embedding
-from ldm.modules.diffusionmodules.layers import Downsample, Upsample, normalization, zero_module
+from ldm.modules.diffusionmodules.layers import NUM_GROUPS, Downsample, Upsample, normalization, zero_module
 from ldm.modules.diffusionmodules.resblock import Modulation, ResBlock
 from ldm.util import ConfigError, default
 
@@ -103,7 +103,8 @@ class UNetModel(nn.Module):
                  transformer_depth: int = 1, context_dim: int | None = None, n_embed: int | None = None,
                  legacy: bool = True, disable_self_attentions: Sequence[bool] | None = None,
                  num_attention_blocks: Sequence[int] | None = None, disable_middle_self_attn: bool = False,
-                 use_linear_in_transformer: bool = False, adm_in_channels: int | None = None):
+                 use_linear_in_transformer: bool = False, adm_in_channels: int | None = None,
+                 norm_num_groups: int = NUM_GROUPS):
         super().__init__()
         _check_config(dims, n_embed, num_heads, num_head_channels, use_spatial_transformer, context_dim,
                       transformer_depth, num_classes, adm_in_channels, use_fp16)
@@ -124,6 +125,7 @@ class UNetModel(nn.Module):
         self.use_new_attention_order, self.use_spatial_transformer = use_new_attention_order, use_spatial_transformer
         self.transformer_depth, self.context_dim = transformer_depth, context_dim
         self.disable_middle_self_attn, self.use_linear_in_transformer = disable_middle_self_attn, use_linear_in_transformer
+        self.norm_num_groups = norm_num_groups  # ours (diffusers' name); CompVis fixes 32
 
         time_embed_dim = model_channels * 4
         self.time_embed = nn.Sequential(nn.Linear(model_channels, time_embed_dim), nn.SiLU(),
@@ -135,7 +137,7 @@ class UNetModel(nn.Module):
         self.middle_block = TimestepEmbedSequential(
             self._resblock(ch, ch), self._attention(ch, level=levels - 1, middle=True), self._resblock(ch, ch))
         ch = self._build_output_blocks(skip_channels, ch)
-        self.out = nn.Sequential(normalization(ch), nn.SiLU(),
+        self.out = nn.Sequential(normalization(ch, num_groups=norm_num_groups), nn.SiLU(),
                                  zero_module(nn.Conv2d(model_channels, out_channels, kernel_size=3, padding=1)))
         self.resblock_names = tuple(name for name, m in self.named_modules() if isinstance(m, ResBlock))
 
@@ -143,14 +145,14 @@ class UNetModel(nn.Module):
     def _resblock(self, channels: int, out_channels: int, up: bool = False, down: bool = False) -> ResBlock:
         return ResBlock(channels, self.model_channels * 4, self.dropout, out_channels,
                         use_scale_shift_norm=self.use_scale_shift_norm, use_checkpoint=self.use_checkpoint,
-                        up=up, down=down)
+                        up=up, down=down, norm_num_groups=self.norm_num_groups)
 
     def _attention(self, ch: int, level: int, up: bool = False, middle: bool = False) -> nn.Module:
         """The attention layer at `ch` channels: SpatialTransformer or AttentionBlock."""
         if not self.use_spatial_transformer:
             heads = self.num_heads_upsample if up else self.num_heads
             return AttentionBlock(ch, heads, self.num_head_channels, self.use_new_attention_order,
-                                  self.use_checkpoint)
+                                  self.use_checkpoint, self.norm_num_groups)
         if self.num_head_channels == -1:
             heads, dim_head = self.num_heads, ch // self.num_heads
         else:
@@ -161,7 +163,7 @@ class UNetModel(nn.Module):
         disable_sa = self.disable_middle_self_attn if middle else self.disable_self_attentions[level]
         return SpatialTransformer(ch, heads, dim_head, depth=self.transformer_depth, context_dim=self.context_dim,
                                   disable_self_attn=disable_sa, use_linear=self.use_linear_in_transformer,
-                                  use_checkpoint=self.use_checkpoint)
+                                  use_checkpoint=self.use_checkpoint, norm_num_groups=self.norm_num_groups)
 
     def _has_attention(self, ds: int, level: int, index: int) -> bool:
         limit = self.num_attention_blocks
