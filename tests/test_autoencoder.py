@@ -413,7 +413,8 @@ FULL_SIZE = {"kl_f4": 4, "kl_f8": 8, "kl_f16": 16, "vq_f4": 4, "vq_f8": 8, "vq_f
 
 def test_every_expected_config_exists():
     names = {p.stem for p in CONFIGS}
-    assert set(FULL_SIZE) | {"kl_f4_photos_tiny", "vq_f4_photos_tiny", "kl_f4_shapes_tiny", "kl_f2_shapes_tiny"} <= names
+    assert set(FULL_SIZE) | {"kl_f4_photos_tiny", "vq_f4_photos_tiny", "kl_f4_shapes_tiny", "kl_f2_shapes_tiny",
+                             "kl_f8_photos_tiny"} <= names
 
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS if p.stem not in FULL_SIZE], ids=lambda p: p.stem)

@@ -112,6 +112,21 @@ def test_p_losses_matches_closed_form():
     assert torch.allclose(loss, expected, atol=1e-6) and torch.allclose(logs["loss_simple"], expected, atol=1e-6)
 
 
+def test_snr_gamma_weights_the_loss_per_timestep_and_is_not_saved():
+    model = make_ddpm(snr_gamma=5.0)
+    x0, t, noise = images(), torch.tensor([0, 10, 25, 49]), torch.randn(4, 3, 8, 8)
+    loss, logs = model.p_losses(x0, {}, t, noise)
+    a = model.sqrt_alphas_cumprod[t].view(-1, 1, 1, 1)
+    b = model.sqrt_one_minus_alphas_cumprod[t].view(-1, 1, 1, 1)
+    per_sample = (model.model(a * x0 + b * noise, t) - noise).pow(2).flatten(1).mean(1)
+    snr = model.alphas_cumprod[t] / (1 - model.alphas_cumprod[t])
+    assert torch.allclose(loss, (snr.clamp(max=5.0) / snr * per_sample).mean(), atol=1e-6)
+    assert torch.allclose(logs["loss_simple"], per_sample.mean(), atol=1e-6)
+    assert "snr_weights" not in model.state_dict()
+    with pytest.raises(ConfigError, match="snr_gamma"):
+        make_ddpm(snr_gamma=0.0)
+
+
 def test_ema_update_and_scope_swap_and_restore_weights():
     model = make_ddpm(ema_decay=0.9)
     opt = torch.optim.SGD(model.trainable_parameters(), lr=0.1)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ldm.diffusion import gaussian as G
-from ldm.diffusion.losses import diffusion_loss, lvlb_weights, training_loss
+from ldm.diffusion.losses import diffusion_loss, lvlb_weights, min_snr_weights, training_loss
 from ldm.diffusion.parameterization import target_for, to_eps_x0
 from ldm.diffusion.schedules import (BUFFER_NAMES, DiffusionSchedule, make_beta_schedule, make_schedule,
                                      schedule_buffers)
@@ -231,6 +231,32 @@ def test_training_loss_logvar_and_elbo_terms():
     assert logs["loss_vlb"].item() == pytest.approx(30.25) and loss.item() == pytest.approx(1 + 0.5 * 30.25)
     with pytest.raises(ValueError, match="original_elbo_weight != 0 needs lvlb_weights"):
         training_loss(out, target, t, original_elbo_weight=0.1)
+
+
+def test_min_snr_weights_are_one_x0_space_weight_for_every_parameterization(sched):
+    """w * MSE(prediction) = min(SNR, gamma) * MSE(x0 prediction), whatever the model predicts."""
+    g = torch.Generator().manual_seed(3)
+    x0, eps, eps_hat = (torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    t = torch.tensor([1, 300, 990])
+    xt = G.q_sample(x0, t, eps, sched)
+    x0_hat = G.predict_x0_from_eps(xt, t, eps_hat, sched)
+    snr = sched.alphas_cumprod[t] / (1 - sched.alphas_cumprod[t])
+    expected = snr.clamp(max=5.0) * diffusion_loss(x0_hat, x0)
+    predictions = {"eps": (eps_hat, eps), "x0": (x0_hat, x0), "v": (G.get_v(x0_hat, eps_hat, t, sched),
+                                                                     G.get_v(x0, eps, t, sched))}
+    for name, (pred, target) in predictions.items():
+        weighted = min_snr_weights(sched.alphas_cumprod, 5.0, name)[t] * diffusion_loss(pred, target)
+        assert torch.allclose(weighted, expected, rtol=1e-6), name
+    w = min_snr_weights(sched.alphas_cumprod, 5.0, "eps")
+    assert w[-1] == 1.0 and w[0] < 0.01  # high noise: plain L_simple; low noise: capped
+    with pytest.raises(ValueError, match="gamma must be > 0"):
+        min_snr_weights(sched.alphas_cumprod, 0.0, "eps")
+
+
+def test_training_loss_applies_snr_weights_but_logs_plain_loss_simple():
+    out, target, t = torch.zeros(2, 3), torch.ones(2, 3), torch.tensor([0, 1])
+    loss, logs = training_loss(out, target, t, snr_weights=torch.tensor([0.5, 0.25]))
+    assert loss.item() == pytest.approx(0.375) and logs["loss_simple"].item() == pytest.approx(1.0)
 
 
 def test_training_loss_backpropagates_into_logvar():

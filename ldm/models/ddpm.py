@@ -18,7 +18,7 @@ from ldm.checkpoint import read_state_dict
 from ldm.diffusion import (BUFFER_NAMES, PARAMETERIZATIONS, CFGDenoiser, DiffusionSchedule, lvlb_weights,
                            make_schedule, q_sample, sample_ddim, sample_ddpm, sample_plms, sample_timesteps,
                            target_for, training_loss)
-from ldm.diffusion.losses import LOSS_TYPES
+from ldm.diffusion.losses import LOSS_TYPES, min_snr_weights
 from ldm.models.diffusion_wrapper import DiffusionWrapper
 from ldm.modules.ema import LitEma, ema_scope
 from ldm.util import ConfigError, get_obj_from_str, instantiate_from_config
@@ -32,7 +32,8 @@ Condition = dict[str, torch.Tensor]  # {"c_concat" | "c_crossattn" | "c_adm": te
 class DDPM(pl.LightningModule):
     """Unconditional diffusion on images batch[first_stage_key] (B, channels, image_size, image_size) in [-1, 1].
 
-    Ours beyond CompVis: `ema_decay`, `lr_warmup_steps` (linear LR warm-up), `weight_decay` (AdamW).
+    Ours beyond CompVis: `ema_decay`, `lr_warmup_steps` (linear LR warm-up), `weight_decay` (AdamW), `snr_gamma`
+    (min-SNR-gamma loss weighting, ldm.diffusion.losses.min_snr_weights; None: plain L_simple).
     """
 
     conditional = False  # LatentDiffusion routes conditions; a pixel-space DDPM has none
@@ -46,7 +47,8 @@ class DDPM(pl.LightningModule):
                  v_posterior: float = 0.0, l_simple_weight: float = 1.0, conditioning_key: str | None = None,
                  parameterization: str = "eps", scheduler_config: Mapping | None = None,
                  use_positional_encodings: bool = False, learn_logvar: bool = False, logvar_init: float = 0.0,
-                 ema_decay: float = 0.9999, lr_warmup_steps: int = 0, weight_decay: float = 0.01):
+                 ema_decay: float = 0.9999, lr_warmup_steps: int = 0, weight_decay: float = 0.01,
+                 snr_gamma: float | None = None):
         super().__init__()
         _check_choice("parameterization", parameterization, PARAMETERIZATIONS)
         _check_choice("loss_type", loss_type, LOSS_TYPES)
@@ -59,6 +61,9 @@ class DDPM(pl.LightningModule):
         self.first_stage_key, self.image_size, self.channels = first_stage_key, image_size, channels
         self.log_every_t, self.v_posterior = log_every_t, v_posterior
         self.original_elbo_weight, self.l_simple_weight = original_elbo_weight, l_simple_weight
+        if snr_gamma is not None and not snr_gamma > 0:
+            raise ConfigError(f"model.params.snr_gamma={snr_gamma}: must be > 0 (or null for plain L_simple)")
+        self.snr_gamma = snr_gamma
         self.weight_decay, self.lr_warmup_steps, self.learn_logvar = weight_decay, lr_warmup_steps, learn_logvar
         self.weight_loss_by_logvar = learn_logvar or logvar_init != 0  # L / exp(logvar_t) + logvar_t
         self.lr_schedule = lr_schedule_from_config(scheduler_config)
@@ -93,6 +98,9 @@ class DDPM(pl.LightningModule):
         if self.original_elbo_weight != 0:
             weights = lvlb_weights(schedule, self.parameterization).float()
             self.register_buffer("lvlb_weights", weights, persistent=False)
+        if self.snr_gamma is not None:
+            weights = min_snr_weights(schedule.alphas_cumprod, self.snr_gamma, self.parameterization).float()
+            self.register_buffer("snr_weights", weights, persistent=False)
 
     @property
     def schedule(self) -> DiffusionSchedule:
@@ -166,7 +174,8 @@ class DDPM(pl.LightningModule):
         target = target_for(self.parameterization, x0, noise, t, schedule)
         logvar = self.logvar if self.weight_loss_by_logvar else None
         return training_loss(output, target, t, self.loss_type, logvar, self.l_simple_weight,
-                             self.original_elbo_weight, getattr(self, "lvlb_weights", None))
+                             self.original_elbo_weight, getattr(self, "lvlb_weights", None),
+                             getattr(self, "snr_weights", None))
 
     # ---- training -----------------------------------------------------------------------------------------------
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:

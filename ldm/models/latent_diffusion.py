@@ -55,7 +55,7 @@ class LatentDiffusion(DDPM):
                  v_posterior: float = 0.0, l_simple_weight: float = 1.0, parameterization: str = "eps",
                  scheduler_config: Mapping | None = None, use_positional_encodings: bool = False,
                  learn_logvar: bool = False, logvar_init: float = 0.0, ema_decay: float = 0.9999,
-                 lr_warmup_steps: int = 0, weight_decay: float = 0.01):
+                 lr_warmup_steps: int = 0, weight_decay: float = 0.01, snr_gamma: float | None = None):
         if unet_config is None:
             raise ConfigError("model.params.unet_config is missing")
         if num_timesteps_cond not in (None, 1):
@@ -75,7 +75,7 @@ class LatentDiffusion(DDPM):
                          parameterization=parameterization, scheduler_config=scheduler_config,
                          use_positional_encodings=use_positional_encodings, learn_logvar=learn_logvar,
                          logvar_init=logvar_init, ema_decay=ema_decay, lr_warmup_steps=lr_warmup_steps,
-                         weight_decay=weight_decay)  # ckpt_path: loaded below, once every stage exists
+                         weight_decay=weight_decay, snr_gamma=snr_gamma)  # ckpt_path: loaded below, once every stage exists
         self.conditioning_key, self.cond_stage_key = conditioning_key, cond_stage_key
         self.masked_image_key, self.mask_key = masked_image_key, mask_key
         self.scale_by_std, self._scale_factor_ready = scale_by_std, False
