@@ -201,18 +201,24 @@ def test_lvlb_eps_weights_are_the_ddpm_formula(sched):
     assert torch.allclose(w[1:], expected[1:], rtol=1e-9) and w[0] == w[1]
 
 
-def test_lvlb_term_is_the_posterior_kl_for_every_parameterization(sched):
-    """w[t] * MSE(prediction) = |mu_tilde(x0) - mu_tilde(x0_hat)|^2 / (2 sigma_t^2), whatever is predicted."""
-    g = torch.Generator().manual_seed(2)
-    x0, eps, eps_hat = (torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
-    t = torch.tensor([1, 200, 950])
+def one_prediction_three_ways(sched, t: torch.Tensor, seed: int):
+    """x0, x_t, the model's x0_hat and {parameterization: (prediction, target)} for one random eps prediction."""
+    g = torch.Generator().manual_seed(seed)
+    x0, eps, eps_hat = (torch.randn(len(t), 2, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
     xt = G.q_sample(x0, t, eps, sched)
     x0_hat = G.predict_x0_from_eps(xt, t, eps_hat, sched)
+    predictions = {"eps": (eps_hat, eps), "x0": (x0_hat, x0), "v": (G.get_v(x0_hat, eps_hat, t, sched),
+                                                                     G.get_v(x0, eps, t, sched))}
+    return x0, xt, x0_hat, predictions
+
+
+def test_lvlb_term_is_the_posterior_kl_for_every_parameterization(sched):
+    """w[t] * MSE(prediction) = |mu_tilde(x0) - mu_tilde(x0_hat)|^2 / (2 sigma_t^2), whatever is predicted."""
+    t = torch.tensor([1, 200, 950])
+    x0, xt, x0_hat, predictions = one_prediction_three_ways(sched, t, seed=2)
     mu, _, _ = G.q_posterior(x0, xt, t, sched)
     mu_hat, var, _ = G.q_posterior(x0_hat, xt, t, sched)
     kl = ((mu - mu_hat) ** 2 / (2 * var)).flatten(1).mean(1)  # (B,)
-    predictions = {"eps": (eps_hat, eps), "x0": (x0_hat, x0), "v": (G.get_v(x0_hat, eps_hat, t, sched),
-                                                                     G.get_v(x0, eps, t, sched))}
     for name, (pred, target) in predictions.items():
         weighted = lvlb_weights(sched, name)[t] * diffusion_loss(pred, target)
         assert torch.allclose(weighted, kl, rtol=1e-6), name
@@ -235,15 +241,10 @@ def test_training_loss_logvar_and_elbo_terms():
 
 def test_min_snr_weights_are_one_x0_space_weight_for_every_parameterization(sched):
     """w * MSE(prediction) = min(SNR, gamma) * MSE(x0 prediction), whatever the model predicts."""
-    g = torch.Generator().manual_seed(3)
-    x0, eps, eps_hat = (torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
     t = torch.tensor([1, 300, 990])
-    xt = G.q_sample(x0, t, eps, sched)
-    x0_hat = G.predict_x0_from_eps(xt, t, eps_hat, sched)
+    x0, _, x0_hat, predictions = one_prediction_three_ways(sched, t, seed=3)
     snr = sched.alphas_cumprod[t] / (1 - sched.alphas_cumprod[t])
     expected = snr.clamp(max=5.0) * diffusion_loss(x0_hat, x0)
-    predictions = {"eps": (eps_hat, eps), "x0": (x0_hat, x0), "v": (G.get_v(x0_hat, eps_hat, t, sched),
-                                                                     G.get_v(x0, eps, t, sched))}
     for name, (pred, target) in predictions.items():
         weighted = min_snr_weights(sched.alphas_cumprod, 5.0, name)[t] * diffusion_loss(pred, target)
         assert torch.allclose(weighted, expected, rtol=1e-6), name
