@@ -145,3 +145,39 @@ def test_superres_scores_samples_beside_bicubic(runs, tmp_path, capsys):
     assert set(record["metrics"]) == {f"{arm}/{k}" for arm in ("model", "bicubic") for k in ("psnr_y", "ssim_y")}
     assert record["metrics"]["bicubic/psnr_y"] > record["metrics"]["model/psnr_y"]  # random weights vs bicubic
     assert "x4" in record["notes"] and record["image_size"] == 64
+
+
+# ---- validation-time sample quality ----------------------------------------------------------------------------------
+def test_sample_quality_callback_logs_fid_kid_is_per_validation_epoch(probe_cache, tmp_path):
+    import pytorch_lightning as pl
+    from torch.utils.data import DataLoader
+
+    from ldm.eval.callback import SampleQuality
+    from tests.test_ddpm import make_ddpm
+
+    class Images(torch.utils.data.Dataset):
+        def __len__(self):
+            return 6
+
+        def __getitem__(self, i):
+            return {"image": torch.rand(3, 8, 8, generator=torch.Generator().manual_seed(i)) * 2 - 1}
+
+    model = make_ddpm()
+    callback = SampleQuality(num_samples=5, extractor="probe", probe_cache=str(probe_cache), steps=2)
+    trainer = pl.Trainer(max_epochs=2, limit_train_batches=1, accelerator="cpu", logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=1,
+                         callbacks=[callback], default_root_dir=tmp_path)
+    trainer.fit(model, DataLoader(Images(), batch_size=2), DataLoader(Images(), batch_size=2))
+    logged = trainer.callback_metrics
+    assert {"val/fid", "val/kid_mean", "val/kid_std", "val/is_mean"} <= set(logged)
+    assert all(torch.isfinite(logged[k]) for k in ("val/fid", "val/kid_mean", "val/is_mean"))
+    assert callback.metrics.fid.fake_features_num_samples == 5  # the share, across batches of 2 (sanity check skipped)
+
+
+def test_sample_quality_rejects_unknown_settings():
+    from ldm.eval.callback import SampleQuality
+    from ldm.util import ConfigError
+    with pytest.raises(ConfigError, match="extractor='clip'"):
+        SampleQuality(extractor="clip")
+    with pytest.raises(ConfigError, match="sampler='euler'"):
+        SampleQuality(sampler="euler")
