@@ -20,7 +20,7 @@ import torch
 from pytorch_lightning.callbacks import Callback
 
 from ldm.eval.features import EXTRACTORS, build_feature_extractor
-from ldm.eval.generation import sample_like
+from ldm.eval.generation import first_items, sample_like
 from ldm.eval.metrics import GenerativeMetrics
 from ldm.models.ddpm import SAMPLERS
 from ldm.util import ConfigError
@@ -63,14 +63,11 @@ class SampleQuality(Callback):
         share = -(-self.num_samples // trainer.world_size)            # this rank's part, rounded up
         first = self.seed + trainer.global_rank * share
         seen = 0
-        for batch in _loader(trainer):
-            batch = {k: v[:share - seen] if isinstance(v, (torch.Tensor, list, tuple)) else v for k, v in batch.items()}
+        for batch in first_items(_loader(trainer), share):
             real = pl_module.get_image(batch)                          # (B, C, H, W) in [-1, 1]
             metrics.update(real, real=True)
             metrics.update(sample_like(pl_module, batch, first + seen, self.sampling).to(real.device), real=False)
             seen += len(real)
-            if seen >= share:
-                break
         if seen < 2:
             raise ConfigError(f"SampleQuality: the validation loader gave {seen} image(s) on rank "
                               f"{trainer.global_rank}; it needs at least 2 (raise the validation length)")

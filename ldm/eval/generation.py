@@ -8,7 +8,7 @@ seed + i, so conditional FID compares like with like. Two reference arms bracket
 - ceiling: the same model with its denoising network freshly initialised (untrained), first stage kept.
 """
 import copy
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 import torch.nn as nn
@@ -23,18 +23,24 @@ from ldm.util import instantiate_from_config
 Progress = Callable[[int], None] | None
 
 
+def first_items(batches: Iterable[Mapping[str, Any]], count: int) -> Iterator[dict[str, Any]]:
+    """The collated `batches`, cut so that together they hold their first `count` items (tensors and lists are
+    cut; other values pass as they are)."""
+    seen = 0
+    for batch in batches:
+        take = min(len(next(iter(v for v in batch.values() if isinstance(v, torch.Tensor)))), count - seen)
+        if take <= 0:
+            return
+        yield {k: v[:take] if isinstance(v, (torch.Tensor, list, tuple)) else v for k, v in batch.items()}
+        seen += take
+
+
 def reference_batches(dataset: Dataset, count: int, batch_size: int) -> Iterator[dict[str, Any]]:
     """The first `count` items of `dataset`, collated in order; an error when it holds fewer."""
     if len(dataset) < count:
         raise SamplingError(f"the reference split holds {len(dataset)} images, {count} are needed: raise its length "
                          f"(e.g. data.params.validation.params.length={count}) or lower --n")
-    seen = 0
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        take = min(len(next(iter(v for v in batch.values() if isinstance(v, torch.Tensor)))), count - seen)
-        if take <= 0:
-            return
-        yield {k: v[:take] for k, v in batch.items()}
-        seen += take
+    return first_items(DataLoader(dataset, batch_size=batch_size, shuffle=False), count)
 
 
 @torch.no_grad()
