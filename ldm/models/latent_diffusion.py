@@ -75,7 +75,8 @@ class LatentDiffusion(DDPM):
                          parameterization=parameterization, scheduler_config=scheduler_config,
                          use_positional_encodings=use_positional_encodings, learn_logvar=learn_logvar,
                          logvar_init=logvar_init, ema_decay=ema_decay, lr_warmup_steps=lr_warmup_steps,
-                         weight_decay=weight_decay, snr_gamma=snr_gamma)  # ckpt_path: loaded below, once every stage exists
+                         weight_decay=weight_decay, snr_gamma=snr_gamma)
+        # ckpt_path: loaded below, once every stage exists
         self.conditioning_key, self.cond_stage_key = conditioning_key, cond_stage_key
         self.masked_image_key, self.mask_key = masked_image_key, mask_key
         self.scale_by_std, self._scale_factor_ready = scale_by_std, False
