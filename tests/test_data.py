@@ -82,6 +82,12 @@ def test_shapes_size_words_match_box_sizes():
     assert max(sides["small"]) < min(sides["large"])
 
 
+def test_shapes_sizes_restricts_the_size_words_and_keeps_the_default_stream():
+    large = Shapes(length=50, max_objects=1, sizes=["large"])
+    assert all(PAIR.findall(large[i]["caption"])[0][0] == "large" for i in range(50))
+    assert Shapes(length=3)[2]["caption"] == Shapes(length=3, sizes=["small", "large"])[2]["caption"]
+
+
 def test_shapes_boxes_contain_their_segmentation_pixels():
     size = 32
     ds = Shapes(size=size, length=100, max_objects=4)
@@ -131,6 +137,8 @@ def test_shapes_bad_arguments_are_named():
         Shapes(max_objects=5, max_objects_pad=4)
     with pytest.raises(ValueError, match="split"):
         Shapes(split="val")
+    with pytest.raises(ValueError, match="huge"):
+        Shapes(sizes=["huge"])
 
 
 # ----------------------------------------------------------------------------- Photos

@@ -159,6 +159,36 @@ def test_random_model_from_config_folder(offline, tmp_path):
     assert emb(["a", "b"]).shape == (2, 10, 32) and emb.output_dim == 32
 
 
+def test_caption_cache_gives_the_same_features_and_encodes_each_caption_once(offline):
+    plain = FrozenTextEmbedder(version=tiny_clip_config(), model_class="clip", pretrained=False, max_length=8)
+    cached = FrozenTextEmbedder(version=tiny_clip_config(), model_class="clip", pretrained=False, max_length=8,
+                                cache_size=2)
+    cached.load_state_dict(plain.state_dict())
+    calls = []
+    cached.transformer.register_forward_hook(lambda module, args, kwargs_out: calls.append(1))
+    text = ["a red circle", "a blue star", "a red circle"]
+    assert torch.equal(cached(text), plain(text)) and len(calls) == 1
+    assert torch.equal(cached(["a blue star"]), plain(["a blue star"])) and len(calls) == 1   # cached
+    cached(["a green square"])                            # evicts the least recently used: "a red circle"
+    assert list(cached._cache) == ["a blue star", "a green square"] and len(calls) == 2
+    cached.load_state_dict(FrozenTextEmbedder(version=tiny_clip_config(), model_class="clip",
+                                              pretrained=False, max_length=8).state_dict())
+    assert not cached._cache                             # new weights: nothing stale
+    with pytest.raises(ConfigError, match="cache_size"):
+        FrozenTextEmbedder(version=tiny_clip_config(), model_class="clip", pretrained=False, freeze=False,
+                           cache_size=4)
+
+
+def test_pretrained_folder_saved_in_fp16_loads_as_float32(offline, tmp_path, minilm):
+    from transformers import BertConfig, BertModel
+    config = BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    BertModel(config).half().save_pretrained(tmp_path)
+    minilm.tokenizer.save_pretrained(tmp_path)
+    emb = FrozenTextEmbedder(version=str(tmp_path), max_length=8)
+    assert {p.dtype for p in emb.parameters()} == {torch.float32}
+    assert emb(["a red circle"]).dtype == torch.float32
+
+
 # TransformerTextEmbedder -------------------------------------------------------------------------------
 
 def test_transformer_text_embedder_shapes_and_grads(offline):

@@ -12,7 +12,7 @@ from ldm.eval import (EvalProtocol, GenerativeMetrics, InceptionFeatures, ProbeA
                       centre_in_box, check_probe_accuracy, evaluate_probe, load_or_train_probe, probe_cache_dir,
                       psnr, rgb_to_y, ssim)
 from ldm.eval.features import as_unit_float
-from ldm.eval.probe import GRID, centre_cell, dominance, render_split, train_probe
+from ldm.eval.probe import GRID, centre_cell, degrade, dominance, gaussian_blur, render_split, train_probe
 from ldm.losses import build_lpips
 
 TINY_PROBE = ProbeSettings(train_length=64, val_length=32, epochs=1, batch_size=32, width=8, feature_dim=16)
@@ -279,6 +279,26 @@ def test_probe_data_holds_the_dominant_object(tiny_probe_data):
     assert (data["dominance"] >= 1).all()  # row 0 is the largest
 
 
+def test_gaussian_blur_closed_forms():
+    delta = torch.zeros(2, 1, 15, 15)
+    delta[:, :, 7, 7] = 1.0
+    out = gaussian_blur(delta, torch.tensor([0.0, 1.0]))
+    assert torch.allclose(out[0], delta[0])                                  # std 0: unchanged
+    grid = torch.arange(15.0) - 7
+    var_x = (out[1, 0].sum(0) * grid ** 2).sum()                               # second moment along x
+    assert out[1].sum().item() == pytest.approx(1.0, abs=1e-5)
+    assert var_x.item() == pytest.approx(1.0, abs=0.02)                      # the 7-tap kernel truncates at 3 std
+    flat = torch.full((1, 3, 8, 8), 0.3)
+    assert torch.allclose(gaussian_blur(flat, torch.tensor([1.0])), flat)    # edges replicated: flat stays flat
+
+
+def test_probe_degradation_is_drawn_from_its_generator():
+    x = images(4)
+    a = degrade(x, 1.2, 0.05, torch.Generator().manual_seed(0))
+    b = degrade(x, 1.2, 0.05, torch.Generator().manual_seed(0))
+    assert torch.equal(a, b) and not torch.equal(a, x) and a.abs().max() <= 1
+
+
 def test_probe_training_is_deterministic_under_a_seed(tiny_probe_data):
     a = train_probe(TINY_PROBE, tiny_probe_data).state_dict()
     b = train_probe(TINY_PROBE, tiny_probe_data).state_dict()
@@ -297,7 +317,8 @@ def test_probe_cache_is_keyed_by_settings_and_reused(tmp_path, monkeypatch):
     assert first.path == tmp_path / "root" / "probe" / f"shapes-probe-{TINY_PROBE.key()}.pt"
     assert first.sha256 == hashlib.sha256(first.path.read_bytes()).hexdigest()
     rates = {"class", "color", "class_and_color", "centre_in_box", "box_iou"}
-    assert set(first.report) == rates | {f"{k}_clear" for k in rates} | {"clear_fraction"}
+    blurred = {"class_blur1", "color_blur1", "centre_in_box_blur1"}
+    assert set(first.report) == rates | {f"{k}_clear" for k in rates} | {"clear_fraction"} | blurred
     n_logs = len(logs)
     with pytest.raises(ProbeAccuracyError, match="verdicts do not count"):
         load_or_train_probe(TINY_PROBE, strict=True, log=logs.append)

@@ -164,7 +164,8 @@ class Shapes(torch.utils.data.Dataset):
                  max_objects_pad: int = 4,               # rows of `objects` (padding class -1)
                  holdout: str | None = None,             # None | "exclude" | "only"
                  holdout_pairs: Sequence[Sequence[str]] = DEFAULT_HOLDOUT_PAIRS,
-                 min_dominance: float = MIN_DOMINANCE):     # >= 1; 1 allows equal sizes
+                 min_dominance: float = MIN_DOMINANCE,      # >= 1; 1 allows equal sizes
+                 sizes: Sequence[str] = SIZES):           # size words drawn from ("large": big objects only)
         if split not in SPLITS:
             raise ValueError(f"Shapes: split must be one of {tuple(SPLITS)}, got {split!r}")
         if not 1 <= min_objects <= max_objects <= min(MAX_OBJECTS, max_objects_pad):
@@ -175,11 +176,13 @@ class Shapes(torch.utils.data.Dataset):
             raise ValueError(f"Shapes: holdout must be None, 'exclude' or 'only', got {holdout!r}")
         if not min_dominance >= 1:
             raise ValueError(f"Shapes: min_dominance must be >= 1, got {min_dominance}")
+        if not sizes or any(word not in SIZE_RANGE for word in sizes):
+            raise ValueError(f"Shapes: sizes must be a non-empty list of {list(SIZES)}, got {list(sizes)}")
         if size < 8 or length <= 0:
             raise ValueError(f"Shapes: need size >= 8 and length > 0, got size={size}, length={length}")
         self.split, self.size, self.length, self.seed = split, size, length, seed
         self.min_objects, self.max_objects, self.max_objects_pad = min_objects, max_objects, max_objects_pad
-        self.holdout, self.min_dominance = holdout, min_dominance
+        self.holdout, self.min_dominance, self.sizes = holdout, min_dominance, tuple(sizes)
         held = pair_indices(holdout_pairs)
         every = list(itertools.product(range(len(COLORS)), range(len(SHAPE_CLASSES))))
         kept = [p for p in every if p not in held]
@@ -196,7 +199,7 @@ class Shapes(torch.utils.data.Dataset):
         n = int(rng.integers(self.min_objects, self.max_objects + 1))
         pairs = [self.anchor_pairs] + [self.other_pairs] * (n - 1)
         for _ in range(100):
-            sizes = [SIZES[int(rng.integers(2))] for _ in range(n)]
+            sizes = [self.sizes[int(rng.integers(len(self.sizes)))] for _ in range(n)]
             extents = sorted((rng.uniform(*SIZE_RANGE[s]), s) for s in sizes)[::-1]
             if n > 1 and extents[0][0] < self.min_dominance * extents[1][0]:
                 continue

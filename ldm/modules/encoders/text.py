@@ -2,6 +2,7 @@
 import importlib.resources
 import importlib.util
 import os
+from collections import OrderedDict
 from typing import Sequence
 
 import torch
@@ -60,8 +61,8 @@ def _build_model(version: str | PretrainedConfig, model_class: str, pretrained: 
         if not isinstance(version, str):
             raise ConfigError("FrozenTextEmbedder.version must be a hub id or local folder when pretrained=True; "
                               "a config object needs pretrained=False")
-        try:
-            return cls.from_pretrained(version)
+        try:  # float32 whatever the file holds (fp16 exports): the frozen encoder matches the U-Net's inputs
+            return cls.from_pretrained(version).float()
         except (OSError, ValueError) as err:
             raise _not_found("FrozenTextEmbedder.version", version, err) from err
     config = version
@@ -90,8 +91,12 @@ class FrozenTextEmbedder(nn.Module):
                  freeze: bool = True,                            # eval mode, no gradients
                  model_class: str = "auto",                      # "auto" (AutoModel) or "clip" (CLIPTextModel)
                  pretrained: bool = True,                        # False: random weights from a config
-                 tokenizer: str | None = None):                  # default: `version` if pretrained, else MiniLM
+                 tokenizer: str | None = None,                   # default: `version` if pretrained, else MiniLM
+                 cache_size: int = 0):                           # frozen: keep features of this many captions
         super().__init__()
+        if cache_size < 0 or (cache_size and not freeze):
+            raise ConfigError(f"FrozenTextEmbedder.cache_size must be >= 0 and needs freeze=true, got "
+                              f"cache_size={cache_size}, freeze={freeze}")
         if layer not in _LAYERS:
             raise ConfigError(f"FrozenTextEmbedder.layer must be one of {_LAYERS}, got {layer!r}")
         version = version if version is not None else packaged_minilm_path()
@@ -115,6 +120,13 @@ class FrozenTextEmbedder(nn.Module):
             self.transformer.eval()
         if model_class == "clip":
             self.register_load_state_dict_pre_hook(_map_clip_keys)
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # caption -> (L, D), least recent first
+        self.register_load_state_dict_post_hook(lambda module, _: module._cache.clear())
+
+    def _apply(self, fn, *args, **kwargs):
+        self._cache.clear()  # features follow the weights' device and dtype
+        return super()._apply(fn, *args, **kwargs)
 
     def train(self, mode: bool = True) -> "FrozenTextEmbedder":
         """A frozen encoder stays in eval mode (no dropout) whatever the parent module does."""
@@ -135,6 +147,20 @@ class FrozenTextEmbedder(nn.Module):
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
     def forward(self, text: Sequence[str]) -> torch.Tensor:
+        if not self.cache_size:
+            return self._encode(text)
+        text = [text] if isinstance(text, str) else list(text)
+        missing = list(dict.fromkeys(t for t in text if t not in self._cache))
+        if missing:
+            self._cache.update(zip(missing, self._encode(missing)))         # each (L, D)
+        for t in text:
+            self._cache.move_to_end(t)
+        rows = [self._cache[t] for t in text]
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        return torch.stack(rows)                                            # (B, L, D)
+
+    def _encode(self, text: Sequence[str]) -> torch.Tensor:
         device = next(self.transformer.parameters()).device
         tokens = {k: v.to(device) for k, v in self.tokenize(text).items()}  # each (B, L)
         if not self.use_attention_mask:
