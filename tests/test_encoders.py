@@ -174,6 +174,8 @@ def test_caption_cache_gives_the_same_features_and_encodes_each_caption_once(off
     cached.load_state_dict(FrozenTextEmbedder(version=tiny_clip_config(), model_class="clip",
                                               pretrained=False, max_length=8).state_dict())
     assert not cached._cache                             # new weights: nothing stale
+    with pytest.raises(TypeError, match="list of captions"):
+        cached([["a nested list"]])
     with pytest.raises(ConfigError, match="cache_size"):
         FrozenTextEmbedder(version=tiny_clip_config(), model_class="clip", pretrained=False, freeze=False,
                            cache_size=4)

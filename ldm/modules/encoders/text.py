@@ -135,21 +135,26 @@ class FrozenTextEmbedder(nn.Module):
             self.transformer.eval()
         return self
 
-    def tokenize(self, text: Sequence[str]) -> dict[str, torch.Tensor]:
-        """input_ids and attention_mask, each (B, max_length)."""
+    @staticmethod
+    def captions(text: Sequence[str] | str) -> list[str]:
+        """`text` as a list of captions; anything but strings is a TypeError naming what was given."""
         if isinstance(text, str):
-            text = [text]
+            return [text]
         if not all(isinstance(t, str) for t in text):
             raise TypeError(f"FrozenTextEmbedder expects a list of captions (str), got {type(text).__name__} "
                             f"with items {sorted({type(t).__name__ for t in text})}")
-        batch = self.tokenizer(list(text), padding="max_length", truncation=True,
+        return list(text)
+
+    def tokenize(self, text: Sequence[str]) -> dict[str, torch.Tensor]:
+        """input_ids and attention_mask, each (B, max_length)."""
+        batch = self.tokenizer(self.captions(text), padding="max_length", truncation=True,
                                max_length=self.max_length, return_tensors="pt")
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
     def forward(self, text: Sequence[str]) -> torch.Tensor:
         if not self.cache_size:
             return self._encode(text)
-        text = [text] if isinstance(text, str) else list(text)
+        text = self.captions(text)
         missing = list(dict.fromkeys(t for t in text if t not in self._cache))
         if missing:
             self._cache.update(zip(missing, self._encode(missing)))         # each (L, D)
