@@ -39,7 +39,8 @@ def reference_batches(dataset: Dataset, count: int, batch_size: int) -> Iterator
     """The first `count` items of `dataset`, collated in order; an error when it holds fewer."""
     if len(dataset) < count:
         raise SamplingError(f"the reference split holds {len(dataset)} images, {count} are needed: raise its length "
-                         f"(e.g. data.params.validation.params.length={count}) or lower --n")
+                         f"(e.g. data.params.validation.params.length={count}, or ...validation.params.dataset."
+                         f"params.length={count} when a task wraps the dataset) or lower --n")
     return first_items(DataLoader(dataset, batch_size=batch_size, shuffle=False), count)
 
 
