@@ -238,7 +238,7 @@ def evaluate_probe(probe: ShapesProbe, data: dict[str, torch.Tensor], batch_size
     """
     report = _rates(probe, data, batch_size, blur=0.0)
     blurred = _rates(probe, data, batch_size, blur=1.0)
-    report.update({f"{k}_blur1": v for k, v in blurred.items() if k in ("class", "color", "centre_in_box")})
+    report.update({f"{k}_blur1": blurred[k] for k in CHECKED})
     return report
 
 
