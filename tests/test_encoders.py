@@ -6,7 +6,7 @@ from transformers import CLIPTextConfig
 
 from ldm.modules.encoders import (ClassEmbedder, FrozenTextEmbedder, LayoutEmbedder, SpatialRescaler,
                                   TransformerTextEmbedder)
-from ldm.modules.encoders.layout import corner_tokens
+from ldm.modules.encoders.layout import corner_tokens, rasterize_boxes
 from ldm.util import ConfigError, instantiate_from_config
 
 
@@ -291,6 +291,28 @@ def test_layout_bad_input():
         layout(torch.tensor([[[5, 0, 0, 1, 1.0]]]))
     with pytest.raises(ValueError, match=r"\(B, n, 5\)"):
         layout(torch.zeros(1, 4))
+
+
+def test_rasterize_boxes_hand_case_padding_overlap_and_empty():
+    objects = torch.tensor([[[1, 0.0, 0.0, 0.5, 0.5], [1, 0.25, 0.25, 0.75, 0.75], [3, 0.5, 0.25, 1.0, 1.0],
+                             [-1, 0.0, 0.0, 1.0, 1.0]]])
+    raster = rasterize_boxes(objects, n_classes=4, size=4)             # pixel centres 1/8, 3/8, 5/8, 7/8
+    assert raster.shape == (1, 4, 4, 4)
+    assert raster[0, 1].tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [0, 1, 1, 0], [0, 0, 0, 0]]  # overlap stays 1
+    assert raster[0, 3].tolist() == [[0, 0, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1], [0, 0, 1, 1]]
+    assert raster[0, 0].sum() == 0 and raster[0, 2].sum() == 0        # padding rows draw nothing
+    assert rasterize_boxes(torch.zeros(2, 0, 5), 4, 3).shape == (2, 4, 3, 3)
+
+
+def test_layout_with_raster_size_returns_tokens_and_map():
+    layout = tiny_layout(raster_size=4)
+    objects = torch.tensor([[[2, 0.0, 0.5, 0.5, 1.0]]])
+    out = layout(objects)
+    assert set(out) == {"c_crossattn", "c_concat"} and layout.condition_keys == ("c_crossattn", "c_concat")
+    assert torch.equal(out["c_crossattn"], layout.transformer(layout.tokenize(objects)))
+    assert torch.equal(out["c_concat"], rasterize_boxes(objects, 5, 4))
+    with pytest.raises(ConfigError, match="raster_size"):
+        tiny_layout(raster_size=0)
 
 
 # SpatialRescaler ---------------------------------------------------------------------------------------

@@ -77,6 +77,10 @@ SETUPS = {
                             cond_stage_trainable=True, unet_config=unet_config(context_dim=32)),
     "crossattn-layout": dict(cond_stage_config=LAYOUT, cond_stage_key="objects", conditioning_key="crossattn",
                              cond_stage_trainable=True, unet_config=unet_config(context_dim=32)),
+    "hybrid-layout": dict(cond_stage_config={**LAYOUT, "params": {**LAYOUT["params"], "raster_size": 8}},
+                          cond_stage_key="objects", conditioning_key="hybrid", cond_stage_trainable=True,
+                          cond_drop_prob={"crossattn": 0.5, "concat": 0.0},
+                          unet_config=unet_config(in_channels=7, context_dim=32)),
     "hybrid": dict(cond_stage_config=CLASS, cond_stage_key="class_label", conditioning_key="hybrid",
                    masked_image_key="masked_image", mask_key="mask", cond_stage_trainable=True,
                    unet_config=unet_config(in_channels=7, context_dim=32)),
@@ -161,6 +165,31 @@ def test_inpainting_condition_is_masked_latent_and_resized_mask():
     assert torch.equal(cond[:, 3:], batch["mask"][:, :, ::2, ::2])
 
 
+def test_layout_hybrid_draws_the_boxes_for_concat_and_drops_them_with_the_tokens():
+    model = make_ldm(**SETUPS["hybrid-layout"])
+    batch = shapes_batch(n=8)
+    cond = model.get_conditioning(batch)
+    assert set(cond) == {"c_concat", "c_crossattn"} and cond["c_concat"].shape == (8, 4, 8, 8)
+    first = batch["objects"][0, 0]                                     # (class, x0, y0, x1, y1) of image 0
+    cls, (x0, y0, x1, y1) = int(first[0]), (first[1:] * 8).tolist()
+    cx, cy = int((x0 + x1) / 2), int((y0 + y1) / 2)
+    assert cond["c_concat"][0, cls, cy, cx] == 1                       # the box's centre cell, its class channel
+    null = model.null_condition(8)
+    assert (null["c_concat"] == 0).all()                               # the empty layout draws nothing
+    assert torch.allclose(null["c_crossattn"][0], model.get_learned_conditioning(
+        model.cond_stage_model.null_condition(1))["c_crossattn"][0])
+    torch.manual_seed(0)
+    dropped = model.get_conditioning(batch, drop=True)                 # tokens and map dropped together
+    empty = (dropped["c_concat"].flatten(1) == 0).all(1)
+    same_tokens = torch.isclose(dropped["c_crossattn"], null["c_crossattn"], atol=1e-6).flatten(1).all(1)
+    assert 0 < empty.sum() < 8 and torch.equal(empty, same_tokens)
+    randomize_zero_layers(model)
+    images = model.sample(model.get_learned_conditioning(batch["objects"][:2]), steps=3, guidance_scale=3.0)
+    assert images.shape == (2, 3, 16, 16)
+    with pytest.raises(ConfigError, match="c_concat source"):
+        make_ldm(**(SETUPS["hybrid-layout"] | {"cond_stage_config": LAYOUT}))
+
+
 # ---- first stage and scale_factor ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("path", [None, "???"])
 def test_unset_first_stage_ckpt_is_a_config_error(path):
@@ -204,6 +233,33 @@ def test_scale_by_std_is_one_over_the_first_batch_std_and_restored_not_recompute
     fresh = make_ldm(seed=1, scale_by_std=True)
     fresh.on_train_batch_start(other, 0)
     assert not torch.equal(fresh.scale_factor, value)
+
+
+def test_first_stage_cache_matches_the_encoder_and_skips_it_for_seen_images():
+    plain, cached = make_ldm(), make_ldm(first_stage_cache_size=6)
+    images = shapes_batch(n=8)["image"]
+    calls = []
+    encode = cached.first_stage_model.encode
+    cached.first_stage_model.encode = lambda x: calls.append(len(x)) or encode(x)
+    first = images[:4]
+    repeat = torch.cat([images[2:4], images[2:3], images[4:6]])        # two seen, one seen twice, two new
+    for batch in (first, repeat):
+        want = plain.first_stage_model.encode(batch)
+        out = cached.first_stage_cache.encode(batch, cached.first_stage_model.encode)
+        assert torch.allclose(out.mean, want.mean, atol=1e-6) and torch.allclose(out.logvar, want.logvar, atol=1e-6)
+    assert calls == [4, 2]                                             # only the two new images were encoded
+    assert cached.first_stage_cache.hits == 3 and len(cached.first_stage_cache) == 6
+    torch.manual_seed(0)
+    a = cached.encode_first_stage(first)                               # posterior still sampled afresh
+    b = cached.encode_first_stage(first)
+    assert not torch.equal(a, b) and torch.allclose(cached.encode_first_stage(first, sample=False),
+                                                    plain.encode_first_stage(first, sample=False), atol=1e-6)
+    cached.encode_first_stage(images)                                  # 8 images through a 6-entry LRU
+    assert len(cached.first_stage_cache) == 6
+    cached.load_state_dict(plain.state_dict())                         # new weights: nothing stale is kept
+    assert len(cached.first_stage_cache) == 0
+    with pytest.raises(ConfigError, match="first_stage_cache_size"):
+        make_ldm(first_stage_cache_size=-1)
 
 
 def _ddp_scale_factor_worker(rank: int, world_size: int, init_file: str, out_dir: str) -> None:
@@ -286,7 +342,7 @@ def test_cond_drop_prob_forms_and_errors():
 @pytest.mark.parametrize("overrides,match", [
     (dict(num_timesteps_cond=2), "num_timesteps_cond"),
     (dict(conditioning_key="crossattn-adm"), "crossattn-adm"),
-    (dict(conditioning_key="hybrid"), "hybrid needs both"),
+    (dict(conditioning_key="hybrid"), "hybrid needs a c_concat source"),
     (dict(masked_image_key="masked_image"), "go together"),
     (dict(cond_stage_forward="tokenize"), "cond_stage_forward"),
     (dict(cond_stage_config="__is_something__"), "cond_stage_config"),

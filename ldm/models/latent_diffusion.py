@@ -20,6 +20,7 @@ from ldm import visualization
 from ldm.models.conditioning import drop_mask, drop_probabilities, replace_where
 from ldm.models.ddpm import DDPM, Condition
 from ldm.models.diffusion_wrapper import REQUIRED, check_conditioning_key
+from ldm.models.first_stage_cache import FirstStageCache
 from ldm.modules.distributions import DiagonalGaussianDistribution
 from ldm.util import ConfigError, instantiate_from_config
 
@@ -35,7 +36,9 @@ class LatentDiffusion(DDPM):
 
     Ours beyond CompVis/SD: `cond_drop_prob` (conditioning dropout for classifier-free guidance: one number or
     {concat|crossattn|adm: p}); `masked_image_key`/`mask_key` (inpainting condition); `allow_random_first_stage`
-    (build without first-stage weights, for tests); `ema_decay`, `lr_warmup_steps`, `weight_decay`.
+    (build without first-stage weights, for tests); `ema_decay`, `lr_warmup_steps`, `weight_decay`;
+    `first_stage_cache_size` (keep the frozen encoder's output for this many images, `FirstStageCache`: each
+    epoch after the first skips the encoder; 0, the default, encodes every batch).
     """
 
     conditional = True
@@ -55,7 +58,8 @@ class LatentDiffusion(DDPM):
                  v_posterior: float = 0.0, l_simple_weight: float = 1.0, parameterization: str = "eps",
                  scheduler_config: Mapping | None = None, use_positional_encodings: bool = False,
                  learn_logvar: bool = False, logvar_init: float = 0.0, ema_decay: float = 0.9999,
-                 lr_warmup_steps: int = 0, weight_decay: float = 0.01, snr_gamma: float | None = None):
+                 lr_warmup_steps: int = 0, weight_decay: float = 0.01, snr_gamma: float | None = None,
+                 first_stage_cache_size: int = 0):
         if unet_config is None:
             raise ConfigError("model.params.unet_config is missing")
         if num_timesteps_cond not in (None, 1):
@@ -86,9 +90,18 @@ class LatentDiffusion(DDPM):
         else:
             self.scale_factor = float(scale_factor)
         self.first_stage_model = build_first_stage(first_stage_config, allow_random_first_stage or bool(ckpt_path))
+        if first_stage_cache_size < 0:
+            raise ConfigError(f"model.params.first_stage_cache_size must be >= 0, got {first_stage_cache_size}")
+        self.first_stage_cache = FirstStageCache(first_stage_cache_size)
+        self.register_load_state_dict_post_hook(lambda module, _: module.first_stage_cache.clear())
         self.cond_stage_trainable, self.cond_stage_forward = cond_stage_trainable, cond_stage_forward
         self.cond_stage_model = self._build_cond_stage(cond_stage_config) if has_cond_stage else None
         self.cond_stage_keyword = COND_STAGE_KEYWORD[conditioning_key] if has_cond_stage else None
+        self.conditioner_outputs = tuple(getattr(self.cond_stage_model, "condition_keys", ()))  # a dict's keys
+        if conditioning_key == "hybrid" and masked_image_key is None and "c_concat" not in self.conditioner_outputs:
+            raise ConfigError("model.params.conditioning_key=hybrid needs a c_concat source: masked_image_key/mask_key "
+                              f"(inpainting) or a conditioner that draws one ({type(self.cond_stage_model).__name__} "
+                              "does not; LayoutEmbedder does with raster_size)")
         self.cond_drop_prob = drop_probabilities(cond_drop_prob, REQUIRED[conditioning_key])
         self._check_null_available()
         if ckpt_path is not None:
@@ -120,6 +133,10 @@ class LatentDiffusion(DDPM):
             raise ConfigError(f"model.params.cond_drop_prob: the conditioner {type(self.cond_stage_model).__name__} "
                               "has no null_condition to drop to")
 
+    def _apply(self, fn, *args, **kwargs):
+        self.first_stage_cache.clear()  # cached encodings follow the weights' device and dtype
+        return super()._apply(fn, *args, **kwargs)
+
     def train(self, mode: bool = True) -> "LatentDiffusion":
         """The first stage (and a frozen conditioner) stay in eval mode."""
         super().train(mode)
@@ -136,7 +153,8 @@ class LatentDiffusion(DDPM):
     @torch.no_grad()
     def encode_first_stage(self, x: torch.Tensor, sample: bool = True) -> torch.Tensor:
         """Unscaled latents of images x (B, 3, H, W): a posterior sample (or its mode), or VQ pre-quantisation."""
-        encoded = self.first_stage_model.encode(x)
+        cache = self.first_stage_cache
+        encoded = cache.encode(x, self.first_stage_model.encode) if cache.size else self.first_stage_model.encode(x)
         if isinstance(encoded, DiagonalGaussianDistribution):
             return encoded.sample() if sample else encoded.mode()
         if isinstance(encoded, torch.Tensor):
@@ -201,7 +219,8 @@ class LatentDiffusion(DDPM):
             kw = self.cond_stage_keyword
             if kw in drops and kw != "c_concat":
                 raw = replace_where(drops[kw], raw, self.cond_stage_model.null_condition(n, self.device))
-            cond[kw] = self.get_learned_conditioning(raw)
+            learned = self.get_learned_conditioning(raw)
+            cond.update(learned if isinstance(learned, Mapping) else {kw: learned})
         if self.masked_image_key is not None:
             parts = [cond["c_concat"]] if "c_concat" in cond else []
             cond["c_concat"] = torch.cat(parts + [self.inpainting_condition(batch)], dim=1)
@@ -239,13 +258,17 @@ class LatentDiffusion(DDPM):
 
     def null_condition(self, batch_size: int, cond: Any = None) -> Condition:
         """The 'no condition' of classifier-free guidance: the conditioner's null (empty caption, null class, empty
-        layout) for c_crossattn / c_adm; for c_concat zeros when it was trained with dropout, else `cond`'s own
-        (the LR image of super-resolution, the masked image of inpainting)."""
+        layout) for c_crossattn / c_adm, and for c_concat when the conditioner makes it (a layout's box map);
+        else for c_concat zeros when it was trained with dropout, else `cond`'s own (the LR image of
+        super-resolution, the masked image of inpainting)."""
         null: Condition = {}
+        learned = None
         for kw in REQUIRED[self.conditioning_key]:
-            if kw != "c_concat":
-                raw = self.cond_stage_model.null_condition(batch_size, self.device)
-                null[kw] = self.get_learned_conditioning(raw)
+            if kw != "c_concat" or (kw in self.conditioner_outputs and self.masked_image_key is None):
+                if learned is None:
+                    learned = self.get_learned_conditioning(self.cond_stage_model.null_condition(batch_size,
+                                                                                                self.device))
+                null[kw] = learned[kw] if isinstance(learned, Mapping) else learned
             elif cond is None:
                 raise ValueError("null_condition: a concat-conditioned model needs `cond` to build the null")
             else:
@@ -280,12 +303,12 @@ def _check_condition_sources(conditioning_key: str | None, has_cond_stage: bool,
     inpaint = masked_image_key is not None
     ok = {None: not has_cond_stage and not inpaint, "concat": has_cond_stage or inpaint,
           "crossattn": has_cond_stage and not inpaint, "adm": has_cond_stage and not inpaint,
-          "hybrid": has_cond_stage and inpaint}[conditioning_key]
+          "hybrid": has_cond_stage}[conditioning_key]  # hybrid's c_concat source is checked once built
     if not ok:
         raise ConfigError(f"model.params.conditioning_key={conditioning_key!r} does not fit the condition sources "
                           f"(cond_stage_config {'set' if has_cond_stage else 'unset'}, masked_image_key/mask_key "
                           f"{'set' if inpaint else 'unset'}): none needs neither; concat needs either; crossattn and "
-                          "adm need a conditioner only; hybrid needs both")
+                          "adm need a conditioner only; hybrid needs a conditioner and a c_concat source")
 
 
 def build_first_stage(config: Mapping, allow_random: bool) -> nn.Module:

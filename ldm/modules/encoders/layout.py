@@ -6,6 +6,12 @@ Each object (class, x0, y0, x1, y1) becomes 3 tokens of one vocabulary:
   bins² + n_classes                the pad token (all 3 tokens of an absent object).
 The sequence (3·max_objects tokens) goes through `TransformerEncoder` with learned position embeddings.
 Valid objects are moved to the front in their given order, so padding rows anywhere change nothing.
+
+Ours beyond CompVis: with `raster_size` S the embedder also draws the boxes as an (n_classes, S, S) map (1 inside
+each box, in its class's channel) and returns {"c_crossattn": tokens, "c_concat": map}, for
+`conditioning_key: hybrid`: the U-Net reads where each box is from its input, as a segmentation-map model does,
+and what it holds from both. Cross-attention alone must learn to route a box's tokens to the pixels inside it
+through attention logits, and a small U-Net barely starts to within a CPU budget (ldm_shapes_layout_tiny.yaml).
 """
 import torch
 import torch.nn as nn
@@ -21,8 +27,23 @@ def corner_tokens(x: torch.Tensor, y: torch.Tensor, n_bins: int) -> torch.Tensor
     return yi * n_bins + xi
 
 
+def rasterize_boxes(objects: torch.Tensor, n_classes: int, size: int) -> torch.Tensor:
+    """objects (B, n, 5) rows (class, x0, y0, x1, y1), class -1 = padding -> (B, n_classes, size, size) float map:
+    1 where a pixel centre lies inside a box (edges included), in the channel of the box's class."""
+    centres = (torch.arange(size, device=objects.device, dtype=objects.dtype) + 0.5) / size         # (S,)
+    box = objects[..., 1:5, None]                                                                   # (B, n, 4, 1)
+    inside_x = (centres >= box[:, :, 0]) & (centres <= box[:, :, 2])                                # (B, n, S)
+    inside_y = (centres >= box[:, :, 1]) & (centres <= box[:, :, 3])                                # (B, n, S)
+    inside = (inside_y[..., :, None] & inside_x[..., None, :]).to(objects.dtype)                   # (B, n, S, S)
+    classes = objects[..., 0].round().long()
+    one_hot = nn.functional.one_hot(classes.clamp(min=0), n_classes).to(objects.dtype)              # (B, n, C)
+    one_hot = one_hot * (classes >= 0)[..., None]                                                   # padding: none
+    return (one_hot[..., None, None] * inside[:, :, None]).sum(dim=1).clamp(max=1)                 # (B, C, S, S)
+
+
 class LayoutEmbedder(nn.Module):
-    """objects (B, n, 5) with n <= max_objects, padding rows class -1 -> (B, 3·max_objects, n_embed)."""
+    """objects (B, n, 5) with n <= max_objects, padding rows class -1 -> (B, 3·max_objects, n_embed);
+    with raster_size, {"c_crossattn": those tokens, "c_concat": (B, n_classes, S, S) box map}."""
 
     def __init__(self,
                  n_embed: int,                 # feature width D
@@ -32,11 +53,16 @@ class LayoutEmbedder(nn.Module):
                  max_objects: int = 30,        # objects per layout (3 tokens each)
                  embedding_dropout: float = 0.0,
                  heads: int = 8,
-                 dim_head: int = 64):
+                 dim_head: int = 64,
+                 raster_size: int | None = None):  # also draw the boxes at this size (the latents') for concat
         super().__init__()
         if n_classes < 1 or n_coord_bins < 1 or max_objects < 1:
             raise ConfigError(f"LayoutEmbedder needs n_classes, n_coord_bins, max_objects >= 1, got "
                               f"{n_classes}, {n_coord_bins}, {max_objects}")
+        if raster_size is not None and raster_size < 1:
+            raise ConfigError(f"LayoutEmbedder: raster_size must be a positive latent side or null, got {raster_size}")
+        self.raster_size = raster_size
+        self.condition_keys = ("c_crossattn",) if raster_size is None else ("c_crossattn", "c_concat")
         self.n_classes = n_classes
         self.n_coord_bins = n_coord_bins
         self.max_objects = max_objects
@@ -73,11 +99,15 @@ class LayoutEmbedder(nn.Module):
         padded[:, :n] = tokens
         return padded.flatten(1)                                               # (B, 3·max_objects)
 
-    def forward(self, objects: torch.Tensor) -> torch.Tensor:
-        tokens = self.tokenize(objects).to(self.transformer.token_emb.weight.device)
-        return self.transformer(tokens)                                        # (B, 3·max_objects, D)
+    def forward(self, objects: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
+        device = self.transformer.token_emb.weight.device
+        features = self.transformer(self.tokenize(objects).to(device))        # (B, 3·max_objects, D)
+        if self.raster_size is None:
+            return features
+        boxes = rasterize_boxes(objects.to(device, torch.float32), self.n_classes, self.raster_size)
+        return {"c_crossattn": features, "c_concat": boxes}                    # boxes (B, n_classes, S, S)
 
-    def encode(self, objects: torch.Tensor) -> torch.Tensor:
+    def encode(self, objects: torch.Tensor) -> torch.Tensor | dict[str, torch.Tensor]:
         return self(objects)
 
     def null_condition(self, batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
