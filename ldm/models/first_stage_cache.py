@@ -1,7 +1,8 @@
 """A memo of a frozen first stage's encoder output per image, for training budgets where encoding costs.
 
-On a CPU the frozen encoder is about 30% of a small latent-diffusion step (kl_f2_shapes_tiny under
-ldm_shapes_class_tiny: 95 of 330 ms at batch 16), and every epoch encodes the same images again. The
+On a CPU the frozen encoder is a fair share of a small latent-diffusion step (ldm_shapes_class_tiny at batch
+16: 295 ms per step, 227 ms with every image cached; bench/first_stage_cache.py), and every epoch encodes
+the same images again. The
 cache keeps, per image, what `encode` returned (a KL posterior's mean and log-variance, or VQ
 pre-quantisation latents) under a digest of the image's bytes, so a repeated image costs a hash instead
 of an encoder pass, and a KL posterior is still sampled afresh on every use. Keys are contents, not
