@@ -2,13 +2,12 @@
 
 On a CPU the frozen encoder is a fair share of a small latent-diffusion step (ldm_shapes_class_tiny at batch
 16: 295 ms per step, 227 ms with every image cached; bench/first_stage_cache.py), and every epoch encodes
-the same images again. The
-cache keeps, per image, what `encode` returned (a KL posterior's mean and log-variance, or VQ
-pre-quantisation latents) under a digest of the image's bytes, so a repeated image costs a hash instead
-of an encoder pass, and a KL posterior is still sampled afresh on every use. Keys are contents, not
-dataset indices: an augmented (cropped, flipped) image is simply a new entry, never a stale one.
-Least recently used entries go first beyond `size`; loading weights into the first stage must clear it
-(LatentDiffusion does).
+the same images again. The cache keeps, per image, what `encode` returned (a KL posterior's mean and
+log-variance, or VQ pre-quantisation latents) under a digest of the image's bytes, so a repeated image
+costs a hash instead of an encoder pass, and a KL posterior is still sampled afresh on every use. Keys are
+contents, not dataset indices: an augmented (cropped, flipped) image is simply a new entry, never a stale
+one. Least recently used entries go first beyond `size`; loading weights into the first stage must clear
+it (LatentDiffusion does).
 """
 import hashlib
 from collections import OrderedDict
@@ -51,19 +50,19 @@ class FirstStageCache:
     def encode(self, x: torch.Tensor, encode: Callable[[torch.Tensor], Encoded]) -> Encoded:
         """encode(x) for a batch x (B, ...), calling `encode` only on the images not in the cache."""
         keys = [image_digest(row) for row in x]
-        missing = [i for i, key in enumerate(dict.fromkeys(keys)) if key not in self._rows]
-        unique = list(dict.fromkeys(keys))
-        if missing:
-            first = {key: i for i, key in reversed(list(enumerate(keys)))}      # key -> first batch index
-            rows = [first[unique[i]] for i in missing]
-            out = encode(x[rows])
+        first = {}                                                               # new key -> its first batch index
+        for i, key in enumerate(keys):
+            if key not in self._rows and key not in first:
+                first[key] = i
+        if first:
+            out = encode(x[list(first.values())])
             self._gaussian = isinstance(out, DiagonalGaussianDistribution)
             params = out.parameters if self._gaussian else out                   # (m, ...)
-            for i, row in zip(missing, params):
-                self._rows[unique[i]] = row.detach()
-        self.hits += len(keys) - len(missing)
-        self.misses += len(missing)
-        for key in unique:
+            for key, row in zip(first, params):
+                self._rows[key] = row.detach()
+        self.hits += len(keys) - len(first)
+        self.misses += len(first)
+        for key in dict.fromkeys(keys):
             self._rows.move_to_end(key)
         batch = torch.stack([self._rows[key] for key in keys])                   # (B, ...)
         while len(self._rows) > self.size:
