@@ -10,11 +10,11 @@ one. Least recently used entries go first beyond `size`; loading weights into th
 it (LatentDiffusion does).
 """
 import hashlib
-from collections import OrderedDict
 from typing import Callable
 
 import torch
 
+from ldm.memo import LRUMemo
 from ldm.modules.distributions import DiagonalGaussianDistribution
 
 Encoded = DiagonalGaussianDistribution | torch.Tensor
@@ -29,42 +29,23 @@ def image_digest(x: torch.Tensor) -> bytes:
     return h.digest()
 
 
-class FirstStageCache:
+class FirstStageCache(LRUMemo):
     """LRU map image digest -> encoder output row (the Gaussian's parameters, or the latent tensor)."""
 
     def __init__(self, size: int):
-        if size < 0:
-            raise ValueError(f"FirstStageCache: size must be >= 0, got {size}")
-        self.size = size
-        self._rows: OrderedDict[bytes, torch.Tensor] = OrderedDict()
+        super().__init__(size)
         self._gaussian: bool | None = None
-        self.hits = self.misses = 0
-
-    def __len__(self) -> int:
-        return len(self._rows)
 
     def clear(self) -> None:
-        self._rows.clear()
+        super().clear()
         self._gaussian = None
 
     def encode(self, x: torch.Tensor, encode: Callable[[torch.Tensor], Encoded]) -> Encoded:
         """encode(x) for a batch x (B, ...), calling `encode` only on the images not in the cache."""
-        keys = [image_digest(row) for row in x]
-        first = {}                                                               # new key -> its first batch index
-        for i, key in enumerate(keys):
-            if key not in self._rows and key not in first:
-                first[key] = i
-        if first:
-            out = encode(x[list(first.values())])
+        def compute(indices: list[int]) -> torch.Tensor:
+            out = encode(x[indices])
             self._gaussian = isinstance(out, DiagonalGaussianDistribution)
-            params = out.parameters if self._gaussian else out                   # (m, ...)
-            for key, row in zip(first, params):
-                self._rows[key] = row.detach()
-        self.hits += len(keys) - len(first)
-        self.misses += len(first)
-        for key in dict.fromkeys(keys):
-            self._rows.move_to_end(key)
-        batch = torch.stack([self._rows[key] for key in keys])                   # (B, ...)
-        while len(self._rows) > self.size:
-            self._rows.popitem(last=False)
+            return out.parameters if self._gaussian else out                 # (m, ...)
+
+        batch = torch.stack(self.rows([image_digest(row) for row in x], compute))   # (B, ...)
         return DiagonalGaussianDistribution(batch) if self._gaussian else batch

