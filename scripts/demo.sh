@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 OUT=${DEMO_OUT:-outputs/demo}
 AE_STEPS=${AE_STEPS:-800}
-LDM_STEPS=${LDM_STEPS:-800}
+LDM_STEPS=${LDM_STEPS:-1000}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 
 rm -rf "$OUT"
