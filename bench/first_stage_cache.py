@@ -3,8 +3,8 @@
     python bench/first_stage_cache.py [--config configs/diffusion/ldm_shapes_class_tiny.yaml] [--threads 1]
 
 Times get_input (first-stage encoding) + loss + backward + AdamW over the same batches, alternately with the
-cache bypassed and with every image already cached (an epoch after the first); medians over --rounds pairs. The first stage has random weights
-(its cost does not depend on them), so no stage-one run is needed.
+cache bypassed and with every image already cached (an epoch after the first); medians over --rounds pairs.
+The first stage has random weights (its cost does not depend on them), so no stage-one run is needed.
 """
 import argparse
 import statistics
