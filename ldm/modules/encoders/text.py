@@ -6,7 +6,7 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextConfig, CLIPTextModel, PretrainedConfig
+from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextConfig, CLIPTextModel, PretrainedConfig, PreTrainedModel
 
 from ldm.memo import LRUMemo
 from ldm.util import ConfigError
@@ -54,6 +54,11 @@ def _model_class(model_class: str):
     return CLIPTextModel if model_class == "clip" else AutoModel
 
 
+# transformers >= 4.5x swaps layers for hub-downloaded kernels by default when the `kernels` package is installed:
+# that needs the network and fails on the meta device; a frozen encoder wants the plain PyTorch layers.
+_NO_HUB_KERNELS = {"use_kernels": False} if hasattr(PreTrainedModel, "set_use_kernels") else {}
+
+
 def _build_model(version: str | PretrainedConfig, model_class: str, pretrained: bool) -> nn.Module:
     """Pretrained weights from `version`, or random weights from a config object / config folder."""
     cls = _model_class(model_class)
@@ -62,7 +67,7 @@ def _build_model(version: str | PretrainedConfig, model_class: str, pretrained: 
             raise ConfigError("FrozenTextEmbedder.version must be a hub id or local folder when pretrained=True; "
                               "a config object needs pretrained=False")
         try:  # float32 whatever the file holds (fp16 exports): the frozen encoder matches the U-Net's inputs
-            return cls.from_pretrained(version).float()
+            return cls.from_pretrained(version, **_NO_HUB_KERNELS).float()
         except (OSError, ValueError) as err:
             raise _not_found("FrozenTextEmbedder.version", version, err) from err
     config = version
