@@ -80,6 +80,10 @@ class LearnedPositionalEmbedding(nn.Module):
 class TransformerEncoder(nn.Module):
     """Token ids (B, L) -> features (B, L, dim): token + position embeddings, pre-LN blocks, final LayerNorm."""
 
+    # published keys this module drops on load (ldm.loading reports them with the reason)
+    UNUSED_CHECKPOINT_KEYS = {r"to_logits\.(weight|bias)": "the token-prediction head (to_logits) of CompVis' "
+                                                           "x-transformer; conditioning uses the features before it"}
+
     def __init__(self, num_tokens: int, max_seq_len: int, dim: int, depth: int,
                  heads: int = 8, dim_head: int = 64, emb_dropout: float = 0.0):
         super().__init__()
