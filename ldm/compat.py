@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 import torch.nn as nn
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from ldm.util import ConfigError
 
@@ -147,9 +147,11 @@ def _data_set_error(path: str) -> ConfigError:
 def original_targets_outside_model(config: Mapping | DictConfig) -> list[str]:
     """Notes on the original data / callback targets of a config's non-model sections (what inference skips)."""
     notes: list[str] = []
+    if isinstance(config, DictConfig):  # unresolved: missing values (???) and interpolations stay as text
+        config = OmegaConf.to_container(config, resolve=False)
 
     def walk(node: Any, where: str) -> None:
-        if isinstance(node, (Mapping, DictConfig)):
+        if isinstance(node, Mapping):
             target = node.get("target")
             if isinstance(target, str) and is_original_target(target):
                 kind = "a data set of the original repositories" if is_original_data(target) else \
@@ -157,7 +159,7 @@ def original_targets_outside_model(config: Mapping | DictConfig) -> list[str]:
                 notes.append(f"{where}.target={target}: {kind}; not read for inference")
             for key, value in node.items():
                 walk(value, f"{where}.{key}")
-        elif isinstance(node, (list, tuple, ListConfig)):
+        elif isinstance(node, (list, tuple)):
             for i, value in enumerate(node):
                 walk(value, f"{where}[{i}]")
 
