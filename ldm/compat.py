@@ -6,6 +6,12 @@ Original YAML files name classes of the CompVis repositories (`ldm.models.diffus
 where its parameter names differ from ours it carries a small translation (drop / rename / defaults / fixed
 values / a last value-dependent step). Targets whose path is the same here (`ldm.models.autoencoder.AutoencoderKL`,
 `VQModel`, `VQModelInterface`) need no entry. Adding a class (e.g. StableSR's) is one entry.
+
+Every target of the published latent-diffusion / SD 1.x configs is served (tests/test_compvis_configs.py):
+models, networks, conditioners, first-stage losses, the three LR schedulers (ldm.lr_schedules), CompVis main.py's
+data module and image logger. Two kinds only inference never uses are accepted without a counterpart: DummyLoss
+(`Unserved`: builds, any use names it) and the original repositories' data sets (`ORIGINAL_DATA_PACKAGES`:
+building one, i.e. training or testing on it, is a ConfigError naming it and ours to use instead).
 """
 import functools
 import inspect
@@ -45,6 +51,15 @@ def _clip_params(params: dict) -> dict:
                           "use 'last' or 'penultimate'")
     if params.get("tokenizer") is None and isinstance(params.get("version"), str):
         params["tokenizer"] = params["version"]
+    return params
+
+
+def _rescaler_params(params: dict) -> dict:
+    """CompVis' semantic-synthesis configs give SpatialRescaler one-hot maps of in_channels classes (182) for its
+    channel mapper; here an integer label map is one-hot encoded to that many classes (n_classes)."""
+    if params.get("n_classes") is None and params.get("out_channels") is not None \
+            and params.get("in_channels", 3) > 3:
+        params["n_classes"] = params["in_channels"]
     return params
 
 
@@ -91,7 +106,8 @@ ALIASES: dict[str, Alias] = {
                                                         defaults={"key": "class"}),
     "ldm.modules.encoders.modules.BERTEmbedder": Alias("ldm.modules.encoders.transformer_text.TransformerTextEmbedder",
                                                        drop=("device",)),
-    "ldm.modules.encoders.modules.SpatialRescaler": Alias("ldm.modules.encoders.rescaler.SpatialRescaler"),
+    "ldm.modules.encoders.modules.SpatialRescaler": Alias("ldm.modules.encoders.rescaler.SpatialRescaler",
+                                                          translate=_rescaler_params),
     "ldm.modules.encoders.modules.FrozenCLIPEmbedder": Alias(
         "ldm.modules.encoders.text.FrozenTextEmbedder", drop=("device",),
         defaults={"version": "openai/clip-vit-large-patch14"}, fixed={"model_class": "clip"},
@@ -212,7 +228,8 @@ def resolve_target(path: str) -> Any | None:
     """Our object for an original target; None for any other path (imported as usual).
 
     A table entry without translation gives our class itself; with one, a builder that translates the params
-    and carries the accepted names as its signature. An original target without an entry is a ConfigError.
+    and carries the accepted names as its signature. An original data set gives a builder that raises a
+    ConfigError naming it. Any other original target without an entry is a ConfigError.
     """
     from ldm.util import get_obj_from_str  # ldm.util calls this function: import at use
 

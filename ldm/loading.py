@@ -5,10 +5,12 @@ Known harmless differences between published files and the model are handled by 
   model); use_ema=False drops them. A file without them (SD "ema-only" files) loads as stored.
 - `loss.*` of first-stage training files: dropped where the model has no module of that name (no training loss).
 - keys the model's own load hooks rename or drop (the CLIP `text_model.` level of older transformers, their stale
-  `position_ids`, the unused `to_logits` head of BERTEmbedder files) are reported.
+  `position_ids`, the unused `to_logits` head of BERTEmbedder files) are reported; a module's
+  UNUSED_CHECKPOINT_KEYS gives the reason for the keys it drops.
 - one module under two names (`__is_first_stage__`: cond_stage_model is the first stage): a file holding one copy
   fills the other.
 Anything else that does not fit is a CheckpointMismatchError with the grouped report (strict, the default).
+Only the `model` section is built; original data sets and callbacks in the other sections are noted in the log.
 """
 import copy
 import inspect

@@ -153,6 +153,17 @@ def test_dummy_loss_builds_for_inference_and_fails_training_by_name():
         translate_params(dummy, {"original_target": "x"})
 
 
+def test_spatial_rescaler_of_a_semantic_config_one_hot_encodes_label_maps():
+    rescaler = "ldm.modules.encoders.modules.SpatialRescaler"
+    assert translate_params(rescaler, {"n_stages": 2, "in_channels": 182, "out_channels": 3})["n_classes"] == 182
+    assert "n_classes" not in translate_params(rescaler, {"in_channels": 3, "out_channels": 8})   # an RGB input
+    model = instantiate_from_config({"target": rescaler, "params": {"n_stages": 2, "in_channels": 182,
+                                                                    "out_channels": 3}})
+    labels = torch.randint(0, 182, (1, 16, 16))
+    one_hot = torch.nn.functional.one_hot(labels, 182).permute(0, 3, 1, 2).float()
+    assert torch.equal(model(labels), model(one_hot)) and model(labels).shape == (1, 3, 4, 4)
+
+
 def test_compvis_main_data_module_and_image_logger_translate():
     data = instantiate_from_config({"target": "main.DataModuleFromConfig", "params": {
         "batch_size": 3, "wrap": True, "use_worker_init_fn": True, "shuffle_val_dataloader": True,

@@ -16,10 +16,12 @@ import pathlib
 import re
 
 import huggingface_hub.constants
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 
 from ldm import cli
 from ldm.callbacks import ImageLogger
@@ -31,6 +33,7 @@ from ldm.loading import build_model, load_model, load_weights, model_section
 from ldm.util import ConfigError, get_obj_from_str, instantiate_from_config
 from tests.compvis_layouts import (SCHEDULE_BUFFERS, checkpoint_layout, clip_folder, count, make_tensor,
                                    parameters_on_meta)
+from tests.test_sample_script import pixels, run_script
 
 DATA = pathlib.Path(__file__).parent / "data" / "compvis"
 UNET, FIRST, COND = ("model.params.unet_config.params", "model.params.first_stage_config.params.ddconfig",
@@ -253,3 +256,30 @@ def condition(model, params: dict, side: int, g: torch.Generator):
            "Identity": lambda: (torch.randn(1, 3, side, side) if model.cond_stage_keyword == "c_concat" else
                                 torch.randn(1, 4, params["unet_config"]["params"]["context_dim"]))}[name]()
     return model.get_learned_conditioning(raw)
+
+
+# ---- scripts/sample.py on the published image-conditional configs ------------------------------------------------
+@pytest.mark.parametrize("name", ["models/ldm/inpainting_big/config.yaml",
+                                  "models/ldm/semantic_synthesis256/config.yaml"])
+def test_sample_script_takes_the_published_inpainting_and_semantic_configs(name, tmp_path):
+    """inpainting_big (first stage as conditioner, U-Net on [x_t, z(masked image), mask]) takes --image --mask;
+    semantic_synthesis256 (SpatialRescaler on 182 one-hot classes) takes a label-map PNG."""
+    name = LD + name
+    config = model_config(name, list(CONFIGS[name]))
+    save_safetensors(random_file(checkpoint_layout(config), config, seed=5), tmp_path / "model.safetensors")
+    rng = np.random.default_rng(0)
+    if "inpainting" in name:
+        picture, mask = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), np.zeros((64, 64), np.uint8)
+        mask[16:48, 20:44] = 255
+        Image.fromarray(picture).save(tmp_path / "photo.png"), Image.fromarray(mask).save(tmp_path / "mask.png")
+        flags = ["--image", tmp_path / "photo.png", "--mask", tmp_path / "mask.png"]
+    else:
+        Image.fromarray(rng.integers(0, 182, (64, 64), dtype=np.uint8)).save(tmp_path / "photo.png")
+        flags = ["--image", tmp_path / "photo.png"]
+    assert run_script("--config", DATA / name, "--ckpt", tmp_path / "model.safetensors", "--n", 1, "--steps", 2,
+                      "--outdir", tmp_path / "out", *CONFIGS[name], *flags) == 0
+    out = pixels(tmp_path / "out" / "00000_photo.png")
+    assert out.shape == (64, 64, 3)
+    if "inpainting" in name:
+        known = mask == 0
+        assert np.array_equal(out[known], picture[known]) and np.abs(out[~known] - picture[~known]).mean() > 10

@@ -3,7 +3,7 @@
 Key layout of `TransformerEncoder`, as in CompVis' BERTEmbedder checkpoints (`cond_stage_model.transformer.*`):
 `token_emb`, `pos_emb.emb`, `attn_layers.layers.{2i}.{0 norm, 1 to_q/to_k/to_v/to_out}` (self-attention),
 `attn_layers.layers.{2i+1}.{0 norm, 1 net.0.0, 1 net.2}` (feed-forward), `norm`. CompVis files also carry an
-unused language-model head `to_logits`; it is dropped on load.
+unused language-model head `to_logits`; it is dropped on load (and reported by ldm.loading).
 """
 from typing import Sequence
 
