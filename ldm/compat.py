@@ -6,12 +6,19 @@ Original YAML files name classes of the CompVis repositories (`ldm.models.diffus
 where its parameter names differ from ours it carries a small translation (drop / rename / defaults / fixed
 values / a last value-dependent step). Targets whose path is the same here (`ldm.models.autoencoder.AutoencoderKL`,
 `VQModel`, `VQModelInterface`) need no entry. Adding a class (e.g. StableSR's) is one entry.
+
+Every target of the published latent-diffusion / SD 1.x configs is served (tests/test_compvis_configs.py):
+models, networks, conditioners, first-stage losses, the three LR schedulers (ldm.lr_schedules), CompVis main.py's
+data module and image logger. Two kinds only inference never uses are accepted without a counterpart: DummyLoss
+(`Unserved`: builds, any use names it) and the original repositories' data sets (`ORIGINAL_DATA_PACKAGES`:
+building one, i.e. training or testing on it, is a ConfigError naming it and ours to use instead).
 """
 import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+import torch.nn as nn
 from omegaconf import DictConfig, OmegaConf
 
 from ldm.util import ConfigError
@@ -47,12 +54,49 @@ def _clip_params(params: dict) -> dict:
     return params
 
 
+def _rescaler_params(params: dict) -> dict:
+    """CompVis' semantic-synthesis configs give SpatialRescaler one-hot maps of in_channels classes (182) for its
+    channel mapper; here an integer label map is one-hot encoded to that many classes (n_classes)."""
+    if params.get("n_classes") is None and params.get("out_channels") is not None \
+            and params.get("in_channels", 3) > 3:
+        params["n_classes"] = params["in_channels"]
+    return params
+
+
+def _data_module_params(params: dict) -> dict:
+    """CompVis' main.DataModuleFromConfig: num_workers defaults to 2 * batch_size there; no predict section."""
+    if params.get("num_workers") is None:
+        params["num_workers"] = 2 * params["batch_size"]
+    if params.pop("predict", None) is not None:
+        raise ConfigError("data.params.predict: a predict section is not supported; use scripts/sample.py")
+    if params.pop("shuffle_test_loader", False):
+        raise ConfigError("data.params.shuffle_test_loader=true is not supported: the test loader keeps its order")
+    return params
+
+
+class Unserved(nn.Module):
+    """Stands in for an original class that inference never calls (CompVis' DummyLoss: a training loss without a
+    loss): it builds, holds no weights, and any call raises a ConfigError naming the original target."""
+
+    def __init__(self, original_target: str):
+        super().__init__()
+        self.original_target = original_target
+
+    def forward(self, *args: Any, **kwargs: Any) -> None:
+        raise ConfigError(f"{self.original_target} (CompVis) stands in for a part that only training uses and has "
+                          "no counterpart in ldm; replace it in the config to train")
+
+
 _LOSSES = "ldm.losses.autoencoder_loss"
+_SCHEDULES = "ldm.lr_schedules"
 ALIASES: dict[str, Alias] = {
     # diffusion models
     "ldm.models.diffusion.ddpm.DDPM": Alias("ldm.models.ddpm.DDPM"),
     "ldm.models.diffusion.ddpm.LatentDiffusion": Alias("ldm.models.latent_diffusion.LatentDiffusion"),
-    "ldm.lr_scheduler.LambdaLinearScheduler": Alias("ldm.models.ddpm.linear_cycle_schedule"),
+    # learning-rate schedules (pure functions of the step)
+    "ldm.lr_scheduler.LambdaWarmUpCosineScheduler": Alias(f"{_SCHEDULES}.warmup_cosine_schedule"),
+    "ldm.lr_scheduler.LambdaWarmUpCosineScheduler2": Alias(f"{_SCHEDULES}.cosine_cycle_schedule"),
+    "ldm.lr_scheduler.LambdaLinearScheduler": Alias(f"{_SCHEDULES}.linear_cycle_schedule"),
     # networks
     "ldm.modules.diffusionmodules.openaimodel.UNetModel": Alias("ldm.modules.diffusionmodules.unet.UNetModel"),
     "ldm.modules.diffusionmodules.model.Encoder": Alias("ldm.modules.autoencoder.model.Encoder"),
@@ -62,7 +106,8 @@ ALIASES: dict[str, Alias] = {
                                                         defaults={"key": "class"}),
     "ldm.modules.encoders.modules.BERTEmbedder": Alias("ldm.modules.encoders.transformer_text.TransformerTextEmbedder",
                                                        drop=("device",)),
-    "ldm.modules.encoders.modules.SpatialRescaler": Alias("ldm.modules.encoders.rescaler.SpatialRescaler"),
+    "ldm.modules.encoders.modules.SpatialRescaler": Alias("ldm.modules.encoders.rescaler.SpatialRescaler",
+                                                          translate=_rescaler_params),
     "ldm.modules.encoders.modules.FrozenCLIPEmbedder": Alias(
         "ldm.modules.encoders.text.FrozenTextEmbedder", drop=("device",),
         defaults={"version": "openai/clip-vit-large-patch14"}, fixed={"model_class": "clip"},
@@ -72,7 +117,24 @@ ALIASES: dict[str, Alias] = {
     "ldm.modules.losses.contperceptual.LPIPSWithDiscriminator": Alias(f"{_LOSSES}.LPIPSWithDiscriminator"),
     "ldm.modules.losses.vqperceptual.VQLPIPSWithDiscriminator": Alias(f"{_LOSSES}.VQLPIPSWithDiscriminator"),
     "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator": Alias(f"{_LOSSES}.VQLPIPSWithDiscriminator"),
+    **{f"ldm.modules.losses.{m}.DummyLoss": Alias("ldm.compat.Unserved",
+                                                  fixed={"original_target": f"ldm.modules.losses.{m}.DummyLoss"})
+       for m in ("contperceptual", "vqperceptual")},
+    # CompVis main.py: data module and image logger (ours, importable without a main.py on the path)
+    "main.DataModuleFromConfig": Alias("ldm.data.datamodule.DataModuleFromConfig", drop=("use_worker_init_fn",),
+                                       rename={"shuffle_val_dataloader": "shuffle_val"},
+                                       defaults={"num_workers": None}, translate=_data_module_params,
+                                       consumes=("predict", "shuffle_test_loader")),
+    "main.ImageLogger": Alias("ldm.callbacks.ImageLogger", drop=("rescale", "log_on_batch_idx")),
 }
+
+# Data sets of the original repositories (their own download and preparation code): accepted in a config,
+# not read for inference; building one (training, testing) is a ConfigError naming it.
+ORIGINAL_DATA_PACKAGES = ("ldm.data.base.", "ldm.data.imagenet.", "ldm.data.lsun.", "ldm.data.openimages.",
+                          "ldm.data.faceshq.", "ldm.data.landscapes.", "ldm.data.previews.", "ldm.data.coco.",
+                          "ldm.data.laion.", "taming.data.")
+OUR_DATA_SETS = ("ldm.data.image_folder.ImageFolder (a folder of images; class sub-folders, captions, boxes)",
+                 "ldm.data.tasks.SuperResolution / Inpainting (wrapping a data set)")
 
 # Packages that exist only in the original repositories: a target there without an entry is unsupported.
 ORIGINAL_PACKAGES = ("ldm.models.diffusion.", "ldm.modules.encoders.modules.", "ldm.modules.losses.",
@@ -84,7 +146,43 @@ ORIGINAL_PACKAGES = ("ldm.models.diffusion.", "ldm.modules.encoders.modules.", "
 
 def is_original_target(path: str) -> bool:
     """Whether `path` names a class of the original CompVis/SD/taming code (supported or not)."""
-    return path in ALIASES or path.startswith(ORIGINAL_PACKAGES)
+    return path in ALIASES or path.startswith(ORIGINAL_PACKAGES) or is_original_data(path)
+
+
+def is_original_data(path: str) -> bool:
+    """Whether `path` names a data set of the original repositories (`ldm.data.imagenet.ImageNetTrain`, ...)."""
+    return path.startswith(ORIGINAL_DATA_PACKAGES)
+
+
+def _data_set_error(path: str) -> ConfigError:
+    return ConfigError(f"data set {path!r} belongs to the original CompVis repositories (their download and "
+                       f"preparation code), which ldm does not include; it is not needed for inference. To train "
+                       f"or test, point this data section at one of ours: {'; '.join(OUR_DATA_SETS)}")
+
+
+def original_targets_outside_model(config: Mapping | DictConfig) -> list[str]:
+    """Notes on the original data / callback targets of a config's non-model sections (what inference skips)."""
+    notes: list[str] = []
+    if isinstance(config, DictConfig):  # unresolved: missing values (???) and interpolations stay as text
+        config = OmegaConf.to_container(config, resolve=False)
+
+    def walk(node: Any, where: str) -> None:
+        if isinstance(node, Mapping):
+            target = node.get("target")
+            if isinstance(target, str) and is_original_target(target):
+                kind = "a data set of the original repositories" if is_original_data(target) else \
+                    f"mapped to {ALIASES[target].target}" if target in ALIASES else "not supported by ldm"
+                notes.append(f"{where}.target={target}: {kind}; not read for inference")
+            for key, value in node.items():
+                walk(value, f"{where}.{key}")
+        elif isinstance(node, (list, tuple)):
+            for i, value in enumerate(node):
+                walk(value, f"{where}[{i}]")
+
+    for section, node in config.items():
+        if section != "model":
+            walk(node, str(section))
+    return notes
 
 
 def supported_targets() -> list[str]:
@@ -130,10 +228,17 @@ def resolve_target(path: str) -> Any | None:
     """Our object for an original target; None for any other path (imported as usual).
 
     A table entry without translation gives our class itself; with one, a builder that translates the params
-    and carries the accepted names as its signature. An original target without an entry is a ConfigError.
+    and carries the accepted names as its signature. An original data set gives a builder that raises a
+    ConfigError naming it. Any other original target without an entry is a ConfigError.
     """
     from ldm.util import get_obj_from_str  # ldm.util calls this function: import at use
 
+    if is_original_data(path):
+        def unavailable(**params: Any) -> Any:
+            raise _data_set_error(path)
+
+        unavailable.__name__ = unavailable.__qualname__ = f"{path} (original data set)"
+        return unavailable
     if path not in ALIASES:
         if is_original_target(path):
             raise ConfigError(f"target {path!r} (CompVis/SD) is not supported by ldm. Supported original targets: "

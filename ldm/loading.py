@@ -5,15 +5,18 @@ Known harmless differences between published files and the model are handled by 
   model); use_ema=False drops them. A file without them (SD "ema-only" files) loads as stored.
 - `loss.*` of first-stage training files: dropped where the model has no module of that name (no training loss).
 - keys the model's own load hooks rename or drop (the CLIP `text_model.` level of older transformers, their stale
-  `position_ids`, the unused `to_logits` head of BERTEmbedder files) are reported.
+  `position_ids`, the unused `to_logits` head of BERTEmbedder files) are reported; a module's
+  UNUSED_CHECKPOINT_KEYS gives the reason for the keys it drops.
 - one module under two names (`__is_first_stage__`: cond_stage_model is the first stage): a file holding one copy
   fills the other.
 Anything else that does not fit is a CheckpointMismatchError with the grouped report (strict, the default).
+Only the `model` section is built; original data sets and callbacks in the other sections are noted in the log.
 """
 import copy
 import inspect
 import logging
 import os
+import re
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
@@ -21,6 +24,7 @@ import torch.nn as nn
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ldm.checkpoint import CheckpointMismatchError, KeyReport, compare_state_dict, read_state_dict
+from ldm.compat import original_targets_outside_model
 from ldm.util import ConfigError, get_obj_from_str, instantiate_from_config
 
 log = logging.getLogger(__name__)
@@ -71,6 +75,9 @@ def model_section(config: ConfigSource, overrides: Iterable[str] = ()) -> DictCo
     section = cfg.model if "model" in cfg else cfg
     if not isinstance(section, DictConfig) or "target" not in section:
         raise ConfigError(f"config has no model.target (top-level keys: {sorted(map(str, cfg.keys()))})")
+    if section is not cfg:
+        for note in original_targets_outside_model(cfg):  # data sets, callbacks of the original repositories
+            log.info(note)
     return section
 
 
@@ -138,7 +145,7 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], *, us
     sd = drop_unused_losses(sd, expected, notes)
     fill_shared(model_tensors, sd, notes)
     received = _load_capturing(model, sd)
-    _note_hook_changes(set(sd), received, notes)
+    _note_hook_changes(model, set(sd), received, notes)
     report = compare_state_dict(expected, received)
     report.notes = notes
     for note in notes:
@@ -174,17 +181,38 @@ def _load_capturing(model: nn.Module, sd: Mapping[str, torch.Tensor]) -> dict[st
     return received
 
 
-def _note_hook_changes(before: set[str], received: Mapping[str, torch.Tensor], notes: list[str]) -> None:
-    """Say which file keys the model's load hooks renamed or dropped."""
+def _note_hook_changes(model: nn.Module, before: set[str], received: Mapping[str, torch.Tensor],
+                       notes: list[str]) -> None:
+    """Say which file keys the model's load hooks renamed or dropped; dropped keys a module declares unused
+    (`UNUSED_CHECKPOINT_KEYS`: pattern of its own key -> reason) are reported with that reason."""
     gone, new = [k for k in before if k not in received], [k for k in received if k not in before]
     endings = {".".join(k.split(".")[-2:]) for k in new}  # a renamed key keeps its module and tensor name
     dropped = sorted(k for k in gone if ".".join(k.split(".")[-2:]) not in endings)
     renamed = sorted(k for k in gone if k not in dropped)
     if renamed:
         notes.append(f"{len(renamed)} key(s) renamed to the model's layout by its load hooks (e.g. {renamed[0]})")
+    by_rule = _declared_unused(model, dropped)
+    for (where, reason), keys in by_rule.items():
+        notes.append(f"{len(keys)} key(s) of the file not used, by rule of {where}: {reason} "
+                     f"({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})")
+    dropped = [k for k in dropped if not any(k in keys for keys in by_rule.values())]
     if dropped:
         notes.append(f"{len(dropped)} key(s) dropped by the model's load hooks (stale buffers / unused heads): "
                      f"{', '.join(dropped[:5])}")
+
+
+def _declared_unused(model: nn.Module, keys: Iterable[str]) -> dict[tuple[str, str], list[str]]:
+    """(module description, reason) -> the keys among `keys` that a module's UNUSED_CHECKPOINT_KEYS names."""
+    rules = [(f"{name}." if name else "", type(module).__name__, pattern, reason)
+             for name, module in model.named_modules()
+             for pattern, reason in getattr(module, "UNUSED_CHECKPOINT_KEYS", {}).items()]
+    found: dict[tuple[str, str], list[str]] = {}
+    for key in keys:
+        for prefix, cls, pattern, reason in rules:
+            if key.startswith(prefix) and re.fullmatch(pattern, key[len(prefix):]):
+                found.setdefault((f"{cls} ({prefix or 'root'}*)", reason), []).append(key)
+                break
+    return found
 
 
 def select_ema(sd: dict, expected: Mapping[str, tuple], use_ema: bool, notes: list[str]) -> dict:

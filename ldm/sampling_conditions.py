@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
@@ -65,10 +66,28 @@ def model_kind(model: nn.Module) -> str:
                           ("text", (FrozenTextEmbedder, TransformerTextEmbedder))):
         if isinstance(c, classes):
             return kind
+    if compvis_inpainting(model):
+        return "inpainting"
     if model.cond_stage_keyword == "c_concat":
         return "image"
     raise SamplingError(f"sample.py cannot build conditions for the conditioner {type(c).__name__} "
                         f"(conditioning_key {model.conditioning_key!r}); call model.sample in Python")
+
+
+def compvis_inpainting(model: nn.Module) -> bool:
+    """CompVis' inpainting layout (models/ldm/inpainting_big): the first stage is the conditioner (concat) and the
+    U-Net reads x_t, the masked image's latent and the mask: in_channels = 2 * channels + 1."""
+    return (getattr(model, "cond_stage_model", None) is model.first_stage_model
+            and model.cond_stage_keyword == "c_concat"
+            and model.model.diffusion_model.in_channels == 2 * model.channels + 1)
+
+
+def inpainting_concat(model: nn.Module, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """c_concat of an inpainting model: [latent of the masked image, mask at the latent size] (1, C_z + 1, h, w)."""
+    if model.masked_image_key is not None:
+        return model.inpainting_condition({model.masked_image_key: image * (1 - mask), model.mask_key: mask})
+    z = model.get_learned_conditioning(image * (1 - mask))                               # CompVis' layout
+    return torch.cat([z, F.interpolate(mask, size=z.shape[-2:], mode="nearest").to(z)], dim=1)
 
 
 def describe(model: nn.Module, kind: str) -> str:
@@ -295,8 +314,7 @@ def inpainting_conditions(opt: argparse.Namespace, model: nn.Module, config: Dic
             raise SamplingError(f"--mask {mask_path!r} is {size[1]}x{size[0]} px, --image {path!r} {w}x{h} px")
         if h % m or w % m:
             raise SamplingError(f"--image {path!r} is {w}x{h} px; this model needs multiples of {m} pixels")
-        batch = {model.masked_image_key: image * (1 - mask), model.mask_key: mask}
-        cond = model.as_condition({"c_concat": model.inpainting_condition(batch)})
+        cond = model.as_condition({"c_concat": inpainting_concat(model, image, mask)})
         info = {"image": path, "mask": mask_path}
         out.append(Condition(cond, info, slugify(os.path.splitext(os.path.basename(path))[0]), (image, mask)))
     return out

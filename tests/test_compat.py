@@ -4,24 +4,24 @@ State dicts are written from the published layout rules (REFERENCE.md §2) with 
 models are checked on the meta device (keys and shapes, no memory); shrunk models of the same structure check
 the numbers.
 """
-import contextlib
 import inspect
-import json
 import logging
-from unittest import mock
 
 import huggingface_hub.constants
 import pytest
 import torch
-import torch.nn as nn
 from omegaconf import OmegaConf
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from ldm.callbacks import ImageLogger
 from ldm.checkpoint import CheckpointMismatchError, save_checkpoint_atomic, save_safetensors
-from ldm.compat import ALIASES, is_original_target, native_config, translate_params
+from ldm.compat import (ALIASES, is_original_target, native_config, original_targets_outside_model,
+                        translate_params)
+from ldm.data.datamodule import DataModuleFromConfig
 from ldm.diffusion import make_schedule
 from ldm.loading import build_model, load_model, load_weights
 from ldm.util import ConfigError, get_obj_from_str, instantiate_from_config
+from tests.compvis_layouts import (autoencoder_layout, clip_folder, clip_layout,  # noqa: F401 (shared)
+                                   make_tensor, parameters_on_meta)
 from tests.test_unet import expected_unet_keys
 
 SD1, KL_F8, VQ_F4 = "configs/compvis/v1-inference.yaml", "configs/compvis/kl-f8.yaml", "configs/compvis/vq-f4.yaml"
@@ -40,102 +40,6 @@ CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num
 def offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-
-
-def clip_folder(folder, weights, **config):
-    """A local CLIP text model folder: a tiny byte-level BPE tokenizer (a-z), config.json (+ random weights)."""
-    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    vocab = letters + [c + "</w>" for c in letters] + ["<|startoftext|>", "<|endoftext|>"]
-    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt")).save_pretrained(folder)
-    cfg = CLIPTextConfig(max_position_embeddings=77, bos_token_id=52, eos_token_id=53, pad_token_id=53, **config)
-    (CLIPTextModel(cfg) if weights else cfg).save_pretrained(folder)
-    return str(folder)
-
-
-@contextlib.contextmanager
-def parameters_on_meta():
-    """New parameters live on the meta device (no memory); buffers stay real (the schedule is computed)."""
-    register = nn.Module.register_parameter
-
-    def on_meta(module, name, param):
-        register(module, name, None if param is None else nn.Parameter(param.to("meta"), param.requires_grad))
-
-    with mock.patch.object(nn.Module, "register_parameter", on_meta):
-        yield
-
-
-# ---- layouts of the published files -------------------------------------------------------------------------------
-def autoencoder_layout(ch, ch_mult, num_res_blocks, z_channels, embed_dim, double_z=True, n_embed=None):
-    """CompVis first-stage key -> shape (attn_resolutions: [], in/out 3 channels, as the configs here)."""
-    shapes = {}
-
-    def conv(p, c_in, c_out, k):
-        shapes.update({f"{p}.weight": (c_out, c_in, k, k), f"{p}.bias": (c_out,)})
-
-    def norm(p, c):
-        shapes.update({f"{p}.weight": (c,), f"{p}.bias": (c,)})
-
-    def resnet(p, c_in, c_out):
-        norm(f"{p}.norm1", c_in), conv(f"{p}.conv1", c_in, c_out, 3), norm(f"{p}.norm2", c_out)
-        conv(f"{p}.conv2", c_out, c_out, 3)
-        if c_in != c_out:
-            conv(f"{p}.nin_shortcut", c_in, c_out, 1)
-
-    def mid(p, c):
-        resnet(f"{p}.block_1", c, c), norm(f"{p}.attn_1.norm", c), resnet(f"{p}.block_2", c, c)
-        for name in ("q", "k", "v", "proj_out"):
-            conv(f"{p}.attn_1.{name}", c, c, 1)
-
-    z_out = 2 * z_channels if double_z else z_channels
-    conv("encoder.conv_in", 3, ch, 3)
-    c = ch
-    for level, mult in enumerate(ch_mult):
-        for b in range(num_res_blocks):
-            resnet(f"encoder.down.{level}.block.{b}", c, ch * mult)
-            c = ch * mult
-        if level < len(ch_mult) - 1:
-            conv(f"encoder.down.{level}.downsample.conv", c, c, 3)
-    mid("encoder.mid", c), norm("encoder.norm_out", c), conv("encoder.conv_out", c, z_out, 3)
-    conv("decoder.conv_in", z_channels, c, 3), mid("decoder.mid", c)
-    for level in reversed(range(len(ch_mult))):
-        for b in range(num_res_blocks + 1):
-            resnet(f"decoder.up.{level}.block.{b}", c, ch * ch_mult[level])
-            c = ch * ch_mult[level]
-        if level > 0:
-            conv(f"decoder.up.{level}.upsample.conv", c, c, 3)
-    norm("decoder.norm_out", c), conv("decoder.conv_out", c, 3, 3)
-    conv("quant_conv", z_out, embed_dim * (2 if double_z else 1), 1), conv("post_quant_conv", embed_dim, z_channels, 1)
-    if n_embed:
-        shapes["quantize.embedding.weight"] = (n_embed, embed_dim)
-    return shapes
-
-
-def clip_layout(hidden_size, intermediate_size, num_hidden_layers, vocab_size, text_model=True, position_ids=True,
-                **_):
-    """HF CLIPTextModel key -> shape under `cond_stage_model.transformer.` (older transformers: `text_model.`)."""
-    p = "cond_stage_model.transformer." + ("text_model." if text_model else "")
-    h, i = hidden_size, intermediate_size
-    shapes = {f"{p}embeddings.token_embedding.weight": (vocab_size, h),
-              f"{p}embeddings.position_embedding.weight": (77, h)}
-    if position_ids:
-        shapes[f"{p}embeddings.position_ids"] = (1, 77)
-    for n in range(num_hidden_layers):
-        layer = f"{p}encoder.layers.{n}."
-        for proj in ("k_proj", "v_proj", "q_proj", "out_proj"):
-            shapes |= {f"{layer}self_attn.{proj}.weight": (h, h), f"{layer}self_attn.{proj}.bias": (h,)}
-        shapes |= {f"{layer}mlp.fc1.weight": (i, h), f"{layer}mlp.fc1.bias": (i,), f"{layer}mlp.fc2.weight": (h, i),
-                   f"{layer}mlp.fc2.bias": (h,)}
-        for ln in ("layer_norm1", "layer_norm2"):
-            shapes |= {f"{layer}{ln}.weight": (h,), f"{layer}{ln}.bias": (h,)}
-    return shapes | {f"{p}final_layer_norm.weight": (h,), f"{p}final_layer_norm.bias": (h,)}
-
-
-def make_tensor(key, shape, meta, g):
-    if key.endswith("position_ids"):
-        return torch.arange(77)[None]
-    return torch.empty(shape, device="meta") if meta else torch.randn(shape, generator=g) * 0.1
 
 
 def sd1_file(model, unet, vae, clip, *, meta=False, ema=True, seed=0, **clip_naming):
@@ -177,6 +81,10 @@ ORIGINAL_PARAMS = {
     "ldm.models.diffusion.ddpm.LatentDiffusion": DDPM_PARAMS + [
         "first_stage_config", "cond_stage_config", "num_timesteps_cond", "cond_stage_key", "cond_stage_trainable",
         "concat_mode", "cond_stage_forward", "scale_factor", "scale_by_std"],
+    "ldm.lr_scheduler.LambdaWarmUpCosineScheduler": ["warm_up_steps", "lr_min", "lr_max", "lr_start",
+                                                     "max_decay_steps", "verbosity_interval"],
+    "ldm.lr_scheduler.LambdaWarmUpCosineScheduler2": ["warm_up_steps", "f_min", "f_max", "f_start", "cycle_lengths",
+                                                      "verbosity_interval"],
     "ldm.lr_scheduler.LambdaLinearScheduler": ["warm_up_steps", "f_min", "f_max", "f_start", "cycle_lengths",
                                                "verbosity_interval"],
     "ldm.modules.diffusionmodules.openaimodel.UNetModel": [
@@ -203,6 +111,12 @@ ORIGINAL_PARAMS = {
     "ldm.modules.losses.contperceptual.LPIPSWithDiscriminator": KL_LOSS_PARAMS,
     "ldm.modules.losses.vqperceptual.VQLPIPSWithDiscriminator": VQ_LOSS_PARAMS,
     "taming.modules.losses.vqperceptual.VQLPIPSWithDiscriminator": VQ_LOSS_PARAMS,
+    "ldm.modules.losses.contperceptual.DummyLoss": [],
+    "ldm.modules.losses.vqperceptual.DummyLoss": [],
+    "main.DataModuleFromConfig": ["batch_size", "train", "validation", "test", "predict", "wrap", "num_workers",
+                                  "shuffle_test_loader", "use_worker_init_fn", "shuffle_val_dataloader"],
+    "main.ImageLogger": ["batch_frequency", "max_images", "clamp", "increase_log_steps", "rescale", "disabled",
+                         "log_on_batch_idx", "log_first_step", "log_images_kwargs"],
 }
 
 
@@ -221,6 +135,76 @@ def test_unsupported_original_targets_are_named_and_ours_still_import():
             get_obj_from_str(path)
     assert get_obj_from_str("ldm.modules.diffusionmodules.unet.UNetModel").__name__ == "UNetModel"
     assert get_obj_from_str("ldm.models.autoencoder.VQModelInterface").__name__ == "VQModelInterface"
+
+
+def test_dummy_loss_builds_for_inference_and_fails_training_by_name():
+    """inpainting_big's first stage names CompVis' DummyLoss: it builds (no weights); training names it."""
+    ddconfig = dict(double_z=False, z_channels=3, resolution=32, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2],
+                    num_res_blocks=1, attn_resolutions=[], dropout=0.0, attn_type="none")
+    dummy = "ldm.modules.losses.contperceptual.DummyLoss"
+    model = instantiate_from_config({"target": "ldm.models.autoencoder.VQModelInterface", "params": {
+        "embed_dim": 3, "n_embed": 16, "ddconfig": ddconfig, "lossconfig": {"target": dummy}}})
+    assert not list(model.loss.parameters()) and model(torch.zeros(1, 3, 8, 8))[0].shape == (1, 3, 8, 8)
+    with pytest.raises(ConfigError, match=rf"lossconfig target {dummy} has no training loss"):
+        model.configure_optimizers()
+    with pytest.raises(ConfigError, match=rf"{dummy} \(CompVis\) stands in for a part that only training uses"):
+        model.loss(torch.zeros(1))
+    with pytest.raises(ConfigError, match="original_target.*cannot be changed"):
+        translate_params(dummy, {"original_target": "x"})
+
+
+def test_spatial_rescaler_of_a_semantic_config_one_hot_encodes_label_maps():
+    rescaler = "ldm.modules.encoders.modules.SpatialRescaler"
+    assert translate_params(rescaler, {"n_stages": 2, "in_channels": 182, "out_channels": 3})["n_classes"] == 182
+    assert "n_classes" not in translate_params(rescaler, {"in_channels": 3, "out_channels": 8})   # an RGB input
+    model = instantiate_from_config({"target": rescaler, "params": {"n_stages": 2, "in_channels": 182,
+                                                                    "out_channels": 3}})
+    labels = torch.randint(0, 182, (1, 16, 16))
+    one_hot = torch.nn.functional.one_hot(labels, 182).permute(0, 3, 1, 2).float()
+    assert torch.equal(model(labels), model(one_hot)) and model(labels).shape == (1, 3, 4, 4)
+
+
+def test_compvis_main_data_module_and_image_logger_translate():
+    data = instantiate_from_config({"target": "main.DataModuleFromConfig", "params": {
+        "batch_size": 3, "wrap": True, "use_worker_init_fn": True, "shuffle_val_dataloader": True,
+        "train": {"target": "ldm.data.imagenet.ImageNetTrain", "params": {"config": {"size": 256}}}}})
+    assert isinstance(data, DataModuleFromConfig) and data.num_workers == 6 and data.shuffle_val  # CompVis: 2 x batch
+    with pytest.raises(ConfigError, match=r"'ldm.data.imagenet.ImageNetTrain' belongs to the original CompVis.*"
+                                          r"ldm.data.image_folder.ImageFolder"):
+        data.setup("fit")
+    with pytest.raises(ConfigError, match="predict section is not supported"):
+        translate_params("main.DataModuleFromConfig", {"batch_size": 1, "predict": {"target": "x"}})
+    logger = instantiate_from_config({"target": "main.ImageLogger", "params": {
+        "batch_frequency": 4, "max_images": 2, "rescale": True, "log_on_batch_idx": False}})
+    assert isinstance(logger, ImageLogger) and logger.max_images == 2
+
+
+def test_notes_for_original_targets_outside_the_model_section():
+    config = OmegaConf.create({"model": {"target": "ldm.models.diffusion.ddpm.LatentDiffusion"}, "data": {
+        "target": "main.DataModuleFromConfig", "params": {"train": {"target": "taming.data.faceshq.FFHQTrain"}}},
+        "lightning": {"callbacks": {"log": {"target": "main.ImageLogger"}, "mine": {"target": "x.Y"}}}})
+    assert original_targets_outside_model(config) == [
+        "data.target=main.DataModuleFromConfig: mapped to ldm.data.datamodule.DataModuleFromConfig; not read for "
+        "inference",
+        "data.params.train.target=taming.data.faceshq.FFHQTrain: a data set of the original repositories; not read "
+        "for inference",
+        "lightning.callbacks.log.target=main.ImageLogger: mapped to ldm.callbacks.ImageLogger; not read for "
+        "inference"]
+
+
+def test_unconditional_ignores_a_conditioning_key_as_in_compvis():
+    ddconfig = dict(double_z=True, z_channels=4, resolution=16, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2],
+                    num_res_blocks=1, attn_resolutions=[], dropout=0.0)
+    model = instantiate_from_config({"target": "ldm.models.diffusion.ddpm.LatentDiffusion", "params": {
+        "first_stage_config": {"target": "ldm.models.autoencoder.AutoencoderKL", "params": {
+            "embed_dim": 4, "ddconfig": ddconfig, "lossconfig": {"target": "torch.nn.Identity"}}},
+        "cond_stage_config": "__is_unconditional__", "conditioning_key": "crossattn", "image_size": 8,
+        "timesteps": 10, "allow_random_first_stage": True, "use_ema": False,
+        "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": dict(
+            image_size=8, in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[],
+            num_res_blocks=1, channel_mult=[1], num_heads=1)}}})
+    assert model.conditioning_key is None and model.cond_stage_model is None
+    assert model.sample(batch_size=1, steps=2).shape == (1, 3, 16, 16)
 
 
 def test_frozen_clip_embedder_params_translate():
@@ -299,7 +283,8 @@ def test_sd1_published_layout_loads_strictly_into_the_original_yaml_model(sd1_me
         assert "EMA-only" in notes
     if not naming:
         assert "196 key(s) renamed to the model's layout" in notes
-        assert "dropped by the model's load hooks" in notes and "embeddings.position_ids" in notes
+        assert "1 key(s) of the file not used, by rule of FrozenTextEmbedder (cond_stage_model.*)" in notes
+        assert "cond_stage_model.transformer.text_model.embeddings.position_ids" in notes
 
 
 def test_load_model_names_bad_inputs(tmp_path):
@@ -349,7 +334,7 @@ def test_shrunk_sd1_ckpt_and_safetensors_load_identical_ema_weights(tiny_sd, cap
         assert torch.equal(v, sd[f"cond_stage_model.transformer.text_model.{k}"])
     assert torch.equal(a.alphas_cumprod, sd["alphas_cumprod"]) and a.scale_factor == 0.18215
     assert f"use_ema=True: {len(unet_of(a))} weights under model.*" in caplog.text
-    assert "dropped by the model's load hooks" in caplog.text and "position_ids" in caplog.text
+    assert "not used, by rule of FrozenTextEmbedder" in caplog.text and "position_ids" in caplog.text
     assert a.get_learned_conditioning(["a cat"]).shape == (1, 77, 32)
 
 

@@ -153,8 +153,9 @@ class AutoencoderBase(pl.LightningModule):
     # ---- optimisation -----------------------------------------------------------------------------------------
     def configure_optimizers(self):
         if not self.has_training_loss():
-            raise ConfigError(f"{type(self).__name__}: lossconfig target {type(self.loss).__name__} has no training "
-                              f"loss; set model.params.lossconfig to an autoencoder loss to train")
+            name = getattr(self.loss, "original_target", type(self.loss).__name__)  # ldm.compat.Unserved
+            raise ConfigError(f"{type(self).__name__}: lossconfig target {name} has no training loss; set "
+                              f"model.params.lossconfig to an autoencoder loss to train")
         params_g = [p for m in self._autoencoder_modules().values() for p in m.parameters()]
         params_g += list(self.loss.autoencoder_parameters())
         opt_g = torch.optim.Adam(params_g, lr=self.lr_g_factor * self.learning_rate, betas=(0.5, 0.9))

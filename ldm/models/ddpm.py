@@ -19,9 +19,10 @@ from ldm.diffusion import (BUFFER_NAMES, PARAMETERIZATIONS, CFGDenoiser, Diffusi
                            make_schedule, q_sample, sample_ddim, sample_ddpm, sample_plms, sample_timesteps,
                            target_for, training_loss)
 from ldm.diffusion.losses import LOSS_TYPES, min_snr_weights
+from ldm.lr_schedules import COMPVIS_SCHEDULES, linear_cycle_schedule  # noqa: F401 (re-exported)
 from ldm.models.diffusion_wrapper import DiffusionWrapper
 from ldm.modules.ema import LitEma, ema_scope
-from ldm.util import ConfigError, get_obj_from_str, instantiate_from_config
+from ldm.util import ConfigError, check_params, get_obj_from_str, instantiate_from_config
 
 DEFAULT_BASE_LR = 1.0e-4  # main.py overrides `learning_rate`
 SAMPLERS = ("ddpm", "ddim", "plms")
@@ -355,37 +356,20 @@ def _batch_size(batch_size: int | None, cond: Condition, x_T: torch.Tensor | Non
 
 
 def lr_schedule_from_config(config: Mapping | None) -> Callable[[int], float] | None:
-    """scheduler_config -> step -> LR factor. CompVis' `*.LambdaLinearScheduler` is read from its params (that module
-    need not exist); any other target is instantiated and used through its `schedule` method or as a callable."""
+    """scheduler_config -> step -> LR factor. CompVis' `*.LambdaWarmUpCosineScheduler`, `*2` and
+    `*.LambdaLinearScheduler` are read from their params (ldm.lr_schedules; that module need not exist); any other
+    target is instantiated and used through its `schedule` method or as a callable."""
     if config is None:
         return None
     target = str(config.get("target", ""))
-    if target.rsplit(".", 1)[-1] == "LambdaLinearScheduler":
-        return linear_cycle_schedule(**(config.get("params") or {}))
+    builder = COMPVIS_SCHEDULES.get(target.rsplit(".", 1)[-1])
+    if builder is not None:
+        params = dict(config.get("params") or {})
+        check_params(builder, params, "model.params.scheduler_config")
+        return builder(**params)
     get_obj_from_str(target)  # a clear error for an unknown target
     obj = instantiate_from_config(config, where="model.params.scheduler_config")
     fn = getattr(obj, "schedule", obj)
     if not callable(fn):
         raise ConfigError(f"model.params.scheduler_config: {target} is neither callable nor has a schedule(step)")
     return fn
-
-
-def linear_cycle_schedule(warm_up_steps: Sequence[int], f_start: Sequence[float], f_max: Sequence[float],
-                          f_min: Sequence[float], cycle_lengths: Sequence[int],
-                          verbosity_interval: int = 0) -> Callable[[int], float]:
-    """CompVis LambdaLinearScheduler semantics: per cycle, f rises linearly f_start -> f_max over warm_up_steps,
-    then falls linearly from f_max towards f_min, reaching it at the cycle's end."""
-    lists = dict(warm_up_steps=warm_up_steps, f_start=f_start, f_max=f_max, f_min=f_min, cycle_lengths=cycle_lengths)
-    if len({len(v) for v in lists.values()}) != 1:
-        raise ConfigError(f"model.params.scheduler_config.params: {sorted(lists)} need one entry per cycle, "
-                          f"got {({k: len(v) for k, v in lists.items()})}")
-    starts = [sum(cycle_lengths[:i]) for i in range(len(cycle_lengths))]
-
-    def factor(step: int) -> float:
-        i = max(j for j, s in enumerate(starts) if s <= step) if step >= 0 else 0
-        n, warm, length = step - starts[i], warm_up_steps[i], cycle_lengths[i]
-        if n < warm:
-            return f_start[i] + (f_max[i] - f_start[i]) * n / warm
-        return f_min[i] + (f_max[i] - f_min[i]) * max(length - n, 0) / length
-
-    return factor

@@ -68,6 +68,10 @@ class LatentDiffusion(DDPM):
         has_cond_stage = cond_stage_config not in (None, UNCONDITIONAL)
         if conditioning_key is None and has_cond_stage:  # CompVis rule
             conditioning_key = "concat" if concat_mode else "crossattn"
+        if cond_stage_config == UNCONDITIONAL and masked_image_key is None and conditioning_key is not None:
+            rank_zero_info(f"model.params.conditioning_key={conditioning_key!r} ignored: cond_stage_config is "
+                           f"{UNCONDITIONAL} (as in CompVis)")
+            conditioning_key = None
         check_conditioning_key(conditioning_key)
         _check_condition_sources(conditioning_key, has_cond_stage, masked_image_key, mask_key)
         super().__init__(unet_config, timesteps=timesteps, beta_schedule=beta_schedule, loss_type=loss_type,

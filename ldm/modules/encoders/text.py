@@ -89,6 +89,10 @@ class FrozenTextEmbedder(nn.Module):
     mask; CLIP gets token ids only, as SD 1.x was trained.
     """
 
+    # published keys this module drops on load (ldm.loading reports them with the reason)
+    UNUSED_CHECKPOINT_KEYS = {r"transformer\.(text_model\.)?embeddings\.position_ids":
+                              "a constant buffer (0..L-1) that older transformers saved; newer ones rebuild it"}
+
     def __init__(self,
                  version: str | PretrainedConfig | None = None,  # hub id / local folder (None: packaged MiniLM)
                  max_length: int = 77,                           # tokens per caption (padded / truncated)

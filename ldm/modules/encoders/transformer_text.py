@@ -3,7 +3,7 @@
 Key layout of `TransformerEncoder`, as in CompVis' BERTEmbedder checkpoints (`cond_stage_model.transformer.*`):
 `token_emb`, `pos_emb.emb`, `attn_layers.layers.{2i}.{0 norm, 1 to_q/to_k/to_v/to_out}` (self-attention),
 `attn_layers.layers.{2i+1}.{0 norm, 1 net.0.0, 1 net.2}` (feed-forward), `norm`. CompVis files also carry an
-unused language-model head `to_logits`; it is dropped on load.
+unused language-model head `to_logits`; it is dropped on load (and reported by ldm.loading).
 """
 from typing import Sequence
 
@@ -79,6 +79,10 @@ class LearnedPositionalEmbedding(nn.Module):
 
 class TransformerEncoder(nn.Module):
     """Token ids (B, L) -> features (B, L, dim): token + position embeddings, pre-LN blocks, final LayerNorm."""
+
+    # published keys this module drops on load (ldm.loading reports them with the reason)
+    UNUSED_CHECKPOINT_KEYS = {r"to_logits\.(weight|bias)": "the token-prediction head (to_logits) of CompVis' "
+                                                           "x-transformer; conditioning uses the features before it"}
 
     def __init__(self, num_tokens: int, max_seq_len: int, dim: int, depth: int,
                  heads: int = 8, dim_head: int = 64, emb_dropout: float = 0.0):
