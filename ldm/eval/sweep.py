@@ -22,6 +22,7 @@ from ldm.eval import cli as evaluate_cli
 from ldm.eval import sweep_report
 from ldm.eval.probe import ProbeAccuracyError
 from ldm.eval.protocol import machine_description, now_iso
+from ldm.sampling_conditions import KINDS
 
 # model kind -> (evaluate.py task, metric key in its record, what it is, higher is better)
 METRICS = {
@@ -81,7 +82,7 @@ def sweep_run(opt: argparse.Namespace, run: str, done: dict[tuple, dict]) -> Ite
     first = evaluate_cli.parse_args(evaluate_argv(opt, run, "conditional", "ddim", "uniform", 1, 1.0))
     loaded = sampling_cli.load(first)
     if loaded.kind not in METRICS:
-        raise sampling_cli.SamplingError(f"--run {run}: a {loaded.kind} model; the sweep measures class, text, "
+        raise sampling_cli.SamplingError(f"--run {run}: {KINDS[loaded.kind][1]}; the sweep measures class, text, "
                                          f"layout and unconditional Shapes models")
     task, key, label, higher = METRICS[loaded.kind]
     scale = opt.scale if task == "conditional" else 1.0
