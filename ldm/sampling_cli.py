@@ -340,7 +340,8 @@ def settings(opt: argparse.Namespace, loaded: Loaded) -> dict[str, Any]:
     edit = {"init_image": opt.init_image, "strength": opt.strength, "mask": (opt.masks or [None])[0]} \
         if opt.init_image else {}
     return {"sampler": opt.sampler, "steps": loaded.model.num_timesteps if opt.sampler == "ddpm" else opt.steps,
-            "schedule": opt.schedule, "eta": opt.eta, "guidance_scale": opt.scale, **edit, "seed": opt.seed, "n": opt.n, "batch_size": opt.batch_size,
+            "schedule": opt.schedule, "eta": opt.eta, "guidance_scale": opt.scale, **edit, "seed": opt.seed,
+            "n": opt.n, "batch_size": opt.batch_size,
             "use_ema": not opt.no_ema, "config": loaded.files, "overrides": list(opt.overrides),
             "checkpoint": loaded.ckpt, "device": str(loaded.model.device),
             "seeds": "sample i starts from noise seeded with seed + i"}

@@ -144,8 +144,8 @@ def test_2d_mixture_mean_and_covariance(linear, sampler, steps):
 @pytest.mark.parametrize("stochastic, deterministic", [("euler_a", "euler"), ("dpmpp_2m_sde", "dpmpp_2m")])
 def test_eta_0_is_the_deterministic_sampler_and_seeds_reproduce(stochastic, deterministic):
     x, sig = torch.randn(16, 2, dtype=F64) * SIGMA_MAX, karras_sigmas(10, SIGMA_MIN, SIGMA_MAX)
-    run = lambda seed, eta=1.0: SIGMA_SAMPLERS[stochastic](MIX_2D, x, sig, generator=torch.Generator().manual_seed(seed),
-                                                           eta=eta)
+    def run(seed, eta=1.0):
+        return SIGMA_SAMPLERS[stochastic](MIX_2D, x, sig, generator=torch.Generator().manual_seed(seed), eta=eta)
     assert torch.equal(run(0), run(0)) and not torch.allclose(run(0), run(1))
     assert torch.allclose(run(0, eta=0.0), SIGMA_SAMPLERS[deterministic](MIX_2D, x, sig), atol=1e-12)
 
