@@ -6,7 +6,8 @@ DPM-Solver++ and UniPC with Karras sigmas round that timestep ("nearest"). With 
 DPM-Solver / UniPC truncate it to an integer instead, which no map of ours reproduces, so they are compared on
 Karras sigmas only. DPM++ 2S ancestral has no diffusers counterpart (KDPM2Ancestral is DPM-2 ancestral;
 DPMSolverSinglestep's 2S puts its intermediate point on the schedule and adds no noise); its order and
-distribution are tested in tests/test_sigma_samplers.py.
+distribution are tested in tests/test_sigma_samplers.py. UniPC-bh1 is not compared: diffusers' bh1 returns NaN on
+the last step to sigma = 0 (B(h) = h is infinite there); ours returns D.
 """
 import warnings
 
@@ -51,7 +52,7 @@ def run_diffusers(sch, steps=N, seed=1):
     return x
 
 
-CASES = [  # (our sampler, diffusers scheduler, its config, our sigma schedule, timestep map)
+CASES = [  # (our sampler, diffusers scheduler, its config, our sigma schedule, timestep map[, our options])
     ("euler", "EulerDiscreteScheduler", {"use_karras_sigmas": True}, "karras", "log"),
     ("euler", "EulerDiscreteScheduler", {"use_exponential_sigmas": True}, "exponential", "log"),
     ("euler", "EulerDiscreteScheduler", {}, "uniform", "log"),
@@ -63,12 +64,15 @@ CASES = [  # (our sampler, diffusers scheduler, its config, our sigma schedule, 
     ("dpmpp_2m_sde", "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True},
      "karras", "nearest"),
     ("unipc", "UniPCMultistepScheduler", {"use_karras_sigmas": True}, "karras", "nearest"),
+    ("unipc", "UniPCMultistepScheduler", {"use_karras_sigmas": True, "solver_order": 3}, "karras", "nearest",
+     {"order": 3}),
 ]
 
 
-@pytest.mark.parametrize("sampler, name, config, schedule, timestep_map", CASES,
-                         ids=[f"{c[0]}-{c[3]}" for c in CASES])
-def test_sampler_agrees_with_its_diffusers_scheduler(sampler, name, config, schedule, timestep_map):
+@pytest.mark.parametrize("sampler, name, config, schedule, timestep_map, options",
+                         [c if len(c) == 6 else (*c, {}) for c in CASES],
+                         ids=[f"{c[0]}-{c[3]}" + ("-order3" if len(c) == 6 else "") for c in CASES])
+def test_sampler_agrees_with_its_diffusers_scheduler(sampler, name, config, schedule, timestep_map, options):
     steps = 10 if schedule == "uniform" else N  # 10: linspace(999, 0, 10) is integer, where both interpolations agree
     sch = scheduler(name, **config)
     expected = run_diffusers(sch, steps)
@@ -78,7 +82,7 @@ def test_sampler_agrees_with_its_diffusers_scheduler(sampler, name, config, sche
     assert torch.allclose(sigmas, theirs, rtol=1e-5, atol=1e-6)
     vp = name.startswith(("DPMSolver", "UniPC"))  # these start from noise at x_t = x / sqrt(sigma^2 + 1)
     x = noise() * ((sigmas[0] ** 2 + 1).sqrt().item() if vp else sch.init_noise_sigma)
-    out = SIGMA_SAMPLERS[sampler](denoiser, x, sigmas, generator=torch.Generator().manual_seed(1))
+    out = SIGMA_SAMPLERS[sampler](denoiser, x, sigmas, generator=torch.Generator().manual_seed(1), **options)
     assert (out - expected).abs().max().item() < 1e-4
 
 
