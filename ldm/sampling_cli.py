@@ -3,8 +3,12 @@ checkpoint, sample each condition (ldm.sampling_conditions) in seeded batches, a
 a grid with one row per condition and samples.json.
 
 Sample i (row-major: condition by condition) starts from noise seeded with seed + i, drawn on the CPU (the same
-noise on every device); under a deterministic sampler (DDIM with eta 0, PLMS) it does not depend on the batch it
-ran in, so any sample is reproduced alone from its recorded seed.
+noise on every device); under a deterministic sampler (DDIM with eta 0, PLMS, Euler, Heun, DPM++ 2M, UniPC) it
+does not depend on the batch it ran in, so any sample is reproduced alone from its recorded seed.
+
+--init-image (img2img, any model) starts from that picture noised to --strength, with the sample's noise;
+--mask with it regenerates only the mask's white region (blended at every step, then the known pixels pasted
+back). An inpainting-trained model keeps taking --image and --mask as its condition.
 """
 import argparse
 import datetime
@@ -26,9 +30,12 @@ from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 from ldm.checkpoint import CheckpointMismatchError, UnsafeCheckpointError
+from ldm.diffusion.editing import known_mask_at
+from ldm.diffusion.sampling import (DISCRETE_SAMPLERS, SAMPLERS, SIGMA_SAMPLERS, STOCHASTIC_SIGMA_SAMPLERS,
+                                    resolve_eta)
+from ldm.diffusion.sigma_schedules import SIGMA_SCHEDULES
 from ldm.loading import load_model
-from ldm.models.ddpm import SAMPLERS
-from ldm.sampling_conditions import Condition, SamplingError, model_kind
+from ldm.sampling_conditions import Condition, SamplingError, model_kind, read_image, read_mask
 from ldm.util import ConfigError
 
 # what main() reports as one message (exit status 2) instead of a traceback
@@ -45,8 +52,13 @@ the condition flag follows from the model's conditioner (a wrong or missing one 
   inpainting                         --image photo.png --mask mask.png   (white = fill)
 each value is one condition: one grid row of --n samples.
 
+editing, any model (unconditional included): --init-image photo.png --strength 0.6   (img2img)
+                                             --init-image photo.png --mask mask.png  (white = regenerate)
+
 examples:
   python scripts/sample.py --run logs/<run> --prompt "a red circle" --n 8 --scale 3
+  python scripts/sample.py --run logs/<run> --class star --sampler dpmpp_2m --schedule karras --steps 20
+  python scripts/sample.py --run logs/<run> --init-image photo.png --strength 0.5 --sampler euler_a
   python scripts/sample.py --config configs/compvis/v1-inference.yaml --ckpt sd-v1-4.safetensors \\
       model.params.cond_stage_config.params.version=/models/clip-vit-large-patch14 --prompt "a photo of a cat"
 """
@@ -78,9 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="config overrides, e.g. model.params.cond_stage_config.params.version=/models/clip")
     s = p.add_argument_group("sampling")
     s.add_argument("--n", type=_positive_int, default=4, help="samples per condition (default 4)")
-    s.add_argument("--sampler", choices=SAMPLERS, default="ddim")
-    s.add_argument("--steps", type=_positive_int, default=50, help="DDIM / PLMS steps (DDPM runs every timestep)")
-    s.add_argument("--eta", type=float, default=0.0, help="DDIM noise: 0 deterministic, 1 DDPM-like")
+    s.add_argument("--sampler", choices=SAMPLERS, default="ddim",
+                   help="ddpm|ddim|plms walk the model's timesteps; the others are sigma samplers (default ddim)")
+    s.add_argument("--schedule", choices=SIGMA_SCHEDULES, default=None,
+                   help="sigma samplers' noise levels (default karras; ddpm/ddim/plms use their own timesteps)")
+    s.add_argument("--steps", type=_positive_int, default=50, help="sampler steps (DDPM runs every timestep)")
+    s.add_argument("--eta", type=float, default=None,
+                   help="noise of ddim (default 0: deterministic, 1 DDPM-like) and of euler_a, dpmpp_2s_a, "
+                        "dpmpp_2m_sde (default 1; 0 makes them deterministic)")
     s.add_argument("--scale", type=float, default=1.0, help="classifier-free guidance scale (1: no guidance)")
     s.add_argument("--seed", type=int, default=0, help="sample i starts from noise seeded with seed + i")
     s.add_argument("--batch_size", type=_positive_int, default=8)
@@ -94,7 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--image", dest="images", nargs="+", metavar="PNG",
                    help="LR image (super-resolution), label map (semantic), or the picture to inpaint")
     c.add_argument("--mask", dest="masks", nargs="+", metavar="PNG",
-                   help="inpainting mask, white = fill (the other pixels are kept): one, or one per --image")
+                   help="inpainting mask, white = fill (the other pixels are kept): one, or one per --image; "
+                        "with --init-image, any model")
+    e = p.add_argument_group("editing (any model)")
+    e.add_argument("--init-image", metavar="PNG", help="img2img: start from this picture noised to --strength")
+    e.add_argument("--strength", type=float, default=None,
+                   help="how far --init-image is noised, in (0, 1]: 1 = pure noise (default 0.75; 1 with --mask)")
     return p
 
 
@@ -105,16 +127,48 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         parser.error("give --run logs/<run>, or --config CONFIG.yaml --ckpt CHECKPOINT")
     if opt.config and not opt.ckpt:
         parser.error("--config needs --ckpt CHECKPOINT")
-    if opt.sampler == "plms" and opt.eta != 0:
-        parser.error("--eta: the PLMS sampler is deterministic; use --eta 0 or --sampler ddim")
-    if opt.eta < 0 or opt.seed < 0:
-        parser.error(f"--eta and --seed must be >= 0, got {opt.eta} and {opt.seed}")
+    check_sampling_options(parser, opt)
+    if opt.seed < 0:
+        parser.error(f"--seed must be >= 0, got {opt.seed}")
+    if opt.strength is not None and not opt.init_image:
+        parser.error("--strength needs --init-image (the picture to start from)")
+    if opt.init_image:
+        opt.strength = (1.0 if opt.masks else 0.75) if opt.strength is None else opt.strength
+        if not 0 < opt.strength <= 1:
+            parser.error(f"--strength must be in (0, 1] (1: start from pure noise), got {opt.strength}")
     bad = [o for o in opt.overrides if "=" not in o]
     if bad:
         parser.error(f"unrecognized arguments {bad}: config overrides are key.path=value words")
     stamp = datetime.datetime.now().strftime("%Y-%m-%dT%H-%M-%S")
     opt.outdir = opt.outdir or os.path.join(opt.run or "", "samples", stamp)
     return opt
+
+
+def check_sampling_options(parser: argparse.ArgumentParser, opt: argparse.Namespace) -> None:
+    """--eta / --schedule that the --sampler cannot take are usage errors; fills in their defaults."""
+    if opt.eta is not None and opt.eta < 0:
+        parser.error(f"--eta must be >= 0, got {opt.eta}")
+    try:
+        opt.eta = resolve_eta(opt.sampler, opt.eta)
+    except ValueError:
+        takes = ("ddim",) + STOCHASTIC_SIGMA_SAMPLERS
+        parser.error(f"--eta: the {opt.sampler} sampler is deterministic; use --eta 0 or a sampler that takes "
+                     f"noise ({', '.join(takes)})")
+    if opt.sampler in DISCRETE_SAMPLERS and opt.schedule not in (None, "uniform"):
+        parser.error(f"--schedule {opt.schedule}: the {opt.sampler} sampler walks the model's own timesteps; the "
+                     f"sigma schedules are for {', '.join(SIGMA_SAMPLERS)}")
+    opt.schedule = schedule_for(opt.sampler, opt.schedule)
+
+
+def schedule_for(sampler: str, schedule: str | None) -> str:
+    """The sigma schedule a sampler runs: the given one, else karras for sigma samplers (uniform otherwise)."""
+    return schedule or ("uniform" if sampler in DISCRETE_SAMPLERS else "karras")
+
+
+def sampler_kwargs(opt: Any) -> dict[str, Any]:
+    """model.sample's sampler arguments from options with sampler, steps, eta (and schedule) attributes."""
+    return {"sampler": opt.sampler, "steps": opt.steps, "eta": opt.eta,
+            "sigma_schedule": schedule_for(opt.sampler, getattr(opt, "schedule", None))}
 
 
 # ---- model ---------------------------------------------------------------------------------------------------------
@@ -201,23 +255,65 @@ def step_generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, 1]).generate_state(1)[0]))
 
 
+@dataclass
+class Edit:
+    """img2img / blended inpainting inputs of --init-image, --strength, --mask (any model)."""
+    image: torch.Tensor               # (1, 3, H, W) in [-1, 1]
+    latent: torch.Tensor              # (1, C, h, w): model.encode(image)
+    strength: float
+    fill: torch.Tensor | None = None  # (1, 1, H, W), 1 = regenerate (the --mask picture)
+    known: torch.Tensor | None = None  # (1, 1, h, w), 1 = keep, at the sampled size
+
+    def sample_kwargs(self, batch: int) -> dict[str, Any]:
+        out = {"init": self.latent.expand(batch, *self.latent.shape[1:]), "strength": self.strength}
+        if self.known is not None:
+            out["mask"] = self.known.expand(batch, *self.known.shape[1:])
+        return out
+
+
+def load_edit(opt: argparse.Namespace, model: nn.Module, conditions: Sequence[Condition]) -> Edit | None:
+    """The --init-image (and --mask) of an img2img / inpainting run, encoded and checked against the model."""
+    if not getattr(opt, "init_image", None):
+        return None
+    image = read_image(opt.init_image, "--init-image")
+    with torch.no_grad():
+        latent = model.encode(image)                                                   # (1, C, h, w)
+    expected = tuple(model.sample_shape(1, conditions[0].cond)[1:])
+    if tuple(latent.shape[1:]) != expected:
+        raise SamplingError(f"--init-image {opt.init_image!r} ({image.shape[-1]}x{image.shape[-2]} px) encodes to "
+                            f"{tuple(latent.shape[1:])}; the model samples {expected}: resize the picture to the "
+                            f"model's image size")
+    edit = Edit(image, latent, opt.strength)
+    if opt.masks:
+        if len(opt.masks) != 1:
+            raise SamplingError(f"--mask: give one mask for --init-image, got {len(opt.masks)}")
+        fill = read_mask(opt.masks[0])
+        if fill.shape[-2:] != image.shape[-2:]:
+            raise SamplingError(f"--mask {opt.masks[0]!r} is {fill.shape[-1]}x{fill.shape[-2]} px, --init-image "
+                                f"{opt.init_image!r} {image.shape[-1]}x{image.shape[-2]} px")
+        edit.fill, edit.known = fill, known_mask_at(1 - fill, tuple(latent.shape[-2:])).to(latent)
+    return edit
+
+
 def sample_batch(model: nn.Module, conditions: Sequence[Condition], seeds: Sequence[int],
-                 opt: argparse.Namespace) -> torch.Tensor:
+                 opt: argparse.Namespace, edit: Edit | None = None) -> torch.Tensor:
     """Images (B, C, H, W) in [-1, 1] on the CPU, one per (condition, seed); inpainting keeps the known pixels."""
     cond = {k: torch.cat([c.cond[k] for c in conditions]) for k in conditions[0].cond}
     shape = model.sample_shape(1, conditions[0].cond)[1:]
     x_T = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    images = model.sample(cond, batch_size=len(seeds), sampler=opt.sampler, steps=opt.steps, eta=opt.eta,
-                          guidance_scale=opt.scale, generator=step_generator(seeds[0]),
-                          x_T=x_T.to(model.device)).float().cpu()                    # (B, C, H, W)
+    editing = edit.sample_kwargs(len(seeds)) if edit is not None else {}
+    images = model.sample(cond, batch_size=len(seeds), guidance_scale=opt.scale, generator=step_generator(seeds[0]),
+                          x_T=x_T.to(model.device), **sampler_kwargs(opt), **editing).float().cpu()  # (B, C, H, W)
     for i, c in enumerate(conditions):
-        if c.known is not None:
-            image, mask = c.known                                                       # (1, 3, H, W), (1, 1, H, W)
+        known = c.known if c.known is not None else (edit.image, edit.fill) if edit and edit.fill is not None else None
+        if known is not None:
+            image, mask = known                                                         # (1, 3, H, W), (1, 1, H, W)
             images[i] = image[0] * (1 - mask[0]) + images[i] * mask[0]
     return images
 
 
-def sample_all(model: nn.Module, conditions: Sequence[Condition], opt: argparse.Namespace) -> list[torch.Tensor]:
+def sample_all(model: nn.Module, conditions: Sequence[Condition], opt: argparse.Namespace,
+               edit: Edit | None = None) -> list[torch.Tensor]:
     """Per condition its opt.n samples (n, C, H, W); sample i is seeded with opt.seed + i."""
     if opt.sampler != "ddpm" and opt.steps > model.num_timesteps:
         raise SamplingError(f"--steps {opt.steps} exceeds the model's {model.num_timesteps} timesteps")
@@ -225,7 +321,8 @@ def sample_all(model: nn.Module, conditions: Sequence[Condition], opt: argparse.
     images: list[torch.Tensor | None] = [None] * total
     with tqdm(total=total, desc=f"sampling ({opt.sampler})", unit="image") as bar:
         for chunk in batches(total, conditions, opt.n, opt.batch_size):
-            out = sample_batch(model, [conditions[i // opt.n] for i in chunk], [opt.seed + i for i in chunk], opt)
+            out = sample_batch(model, [conditions[i // opt.n] for i in chunk], [opt.seed + i for i in chunk], opt,
+                               edit)
             for i, image in zip(chunk, out):
                 images[i] = image
             bar.update(len(chunk))
@@ -240,8 +337,11 @@ def save_png(image: torch.Tensor, path: str) -> None:
 
 
 def settings(opt: argparse.Namespace, loaded: Loaded) -> dict[str, Any]:
+    edit = {"init_image": opt.init_image, "strength": opt.strength, "mask": (opt.masks or [None])[0]} \
+        if opt.init_image else {}
     return {"sampler": opt.sampler, "steps": loaded.model.num_timesteps if opt.sampler == "ddpm" else opt.steps,
-            "eta": opt.eta, "guidance_scale": opt.scale, "seed": opt.seed, "n": opt.n, "batch_size": opt.batch_size,
+            "schedule": opt.schedule, "eta": opt.eta, "guidance_scale": opt.scale, **edit, "seed": opt.seed,
+            "n": opt.n, "batch_size": opt.batch_size,
             "use_ema": not opt.no_ema, "config": loaded.files, "overrides": list(opt.overrides),
             "checkpoint": loaded.ckpt, "device": str(loaded.model.device),
             "seeds": "sample i starts from noise seeded with seed + i"}
@@ -252,7 +352,7 @@ def write_outputs(outdir: str, conditions: Sequence[Condition], samples: Sequenc
     """<outdir>/<index>_<slug>.png per sample, grid.png (one row per condition; an unconditional batch as a
     square) and samples.json; returns the json's image entries."""
     os.makedirs(outdir, exist_ok=True)
-    sampler = {k: run_settings[k] for k in ("sampler", "steps", "eta", "guidance_scale")}
+    sampler = {k: run_settings[k] for k in ("sampler", "schedule", "steps", "eta", "guidance_scale")}
     entries = []
     for row, (condition, images) in enumerate(zip(conditions, samples)):
         for col, image in enumerate(images):

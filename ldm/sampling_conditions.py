@@ -99,8 +99,16 @@ def describe(model: nn.Module, kind: str) -> str:
 
 def check_flags(opt: argparse.Namespace, model: nn.Module, kind: str) -> None:
     """The condition flags given must be exactly those the model takes; guidance needs a condition."""
+    init_image = getattr(opt, "init_image", None)
+    if kind == "inpainting" and init_image:
+        raise SamplingError(f"--init-image does not fit this model: it is {describe(model, kind)}, which takes the "
+                            "picture as --image (with --mask)")
+    if opt.masks and kind != "inpainting" and not init_image:
+        raise SamplingError(f"--mask needs --init-image (the picture whose white region is regenerated) for "
+                            f"{describe(model, kind)}")
+    edit_mask = bool(init_image) and kind != "inpainting"  # --mask belongs to --init-image
     given = {"class": opt.classes, "text": opt.prompts or opt.prompts_file, "layout": opt.layouts,
-             "image": opt.images, "mask": opt.masks}
+             "image": opt.images, "mask": None if edit_mask else opt.masks}
     takes = KINDS[kind][0]
     wanted = " and ".join(FLAGS[f] for f in takes) or "no condition flag"
     extra = [FLAGS[f] for f, value in given.items() if value and f not in takes]
@@ -243,10 +251,10 @@ def text_conditions(opt: argparse.Namespace, model: nn.Module, config: DictConfi
 
 
 # ---- images -------------------------------------------------------------------------------------------------------
-def read_image(path: str) -> torch.Tensor:
+def read_image(path: str, flag: str = "--image") -> torch.Tensor:
     """An RGB picture as (1, 3, H, W) in [-1, 1]."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"--image {path!r}: no such file")
+        raise FileNotFoundError(f"{flag} {path!r}: no such file")
     with Image.open(path) as im:
         return from_pil([im.convert("RGB")])
 

@@ -238,7 +238,7 @@ def test_sampling_uses_ema_weights_unless_told_not_to():
 def test_sampling_errors():
     model = make_ddpm()
     with pytest.raises(ValueError, match="unknown sampler"):
-        model.sample(batch_size=1, sampler="euler")
+        model.sample(batch_size=1, sampler="euler_b")
     with pytest.raises(ValueError, match="unconditional"):
         model.sample(batch_size=1, guidance_scale=3.0)
     with pytest.raises(ValueError, match="eta must be 0"):

@@ -212,7 +212,7 @@ def test_inception_features_from_a_weights_file(tmp_path, monkeypatch):
 
 PROTOCOL_TYPES = {"num_samples": int, "sampler": str, "steps": int, "eta": float, "guidance_scale": float,
                   "seed": int, "image_size": int, "feature_extractor": str, "feature_extractor_sha256": str,
-                  "data_split": str, "dataset": str, "checkpoint": str, "notes": str, "date": str,
+                  "data_split": str, "dataset": str, "checkpoint": str, "notes": str, "sigma_schedule": str, "date": str,
                   "machine": str, "metrics": dict, "definitions": dict}
 
 

@@ -179,5 +179,7 @@ def test_sample_quality_rejects_unknown_settings():
     from ldm.util import ConfigError
     with pytest.raises(ConfigError, match="extractor='clip'"):
         SampleQuality(extractor="clip")
-    with pytest.raises(ConfigError, match="sampler='euler'"):
-        SampleQuality(sampler="euler")
+    with pytest.raises(ConfigError, match="sampler='lms'"):
+        SampleQuality(sampler="lms")
+    with pytest.raises(ConfigError, match="schedule='karras'"):
+        SampleQuality(sampler="ddim", schedule="karras")

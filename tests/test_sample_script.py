@@ -99,7 +99,8 @@ def test_text_model_two_prompts_with_guidance(runs, tmp_path):
     images = meta["images"]
     assert [e["condition"] for e in images] == [{"prompt": "a red circle"}] * 2 + [{"prompt": "a blue star"}] * 2
     assert [e["seed"] for e in images] == [0, 1, 2, 3] and [e["row"] for e in images] == [0, 0, 1, 1]
-    assert all(e["sampler"] == {"sampler": "ddim", "steps": 3, "eta": 0.0, "guidance_scale": 3.0} for e in images)
+    assert all(e["sampler"] == {"sampler": "ddim", "schedule": "uniform", "steps": 3, "eta": 0.0, "guidance_scale": 3.0}
+               for e in images)
     assert meta["settings"]["checkpoint"] == str(run / "checkpoints" / "last.ckpt")
     assert run_script(*args, "--outdir", tmp_path / "plain") == 0
     assert not np.array_equal(pixels(tmp_path / "cfg" / files[0]), pixels(tmp_path / "plain" / files[0]))

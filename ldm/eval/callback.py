@@ -22,7 +22,8 @@ from pytorch_lightning.callbacks import Callback
 from ldm.eval.features import EXTRACTORS, build_feature_extractor
 from ldm.eval.generation import first_items, sample_like
 from ldm.eval.metrics import GenerativeMetrics
-from ldm.models.ddpm import SAMPLERS
+from ldm.diffusion.sampling import SAMPLERS, check_sampler, resolve_eta
+from ldm.sampling_cli import schedule_for
 from ldm.util import ConfigError
 
 
@@ -31,18 +32,24 @@ class SampleQuality(Callback):
 
     def __init__(self, num_samples: int = 256, every_n_epochs: int = 1, extractor: str = "inception",
                  inception_weights: str | None = None, probe_cache: str | None = None, sampler: str = "ddim",
-                 steps: int = 50, eta: float = 0.0, guidance_scale: float = 1.0, seed: int = 0):
+                 steps: int = 50, eta: float | None = None, guidance_scale: float = 1.0, seed: int = 0,
+                 schedule: str | None = None):
         super().__init__()
         if extractor not in EXTRACTORS:
             raise ConfigError(f"SampleQuality.extractor={extractor!r}: choose one of {EXTRACTORS}")
         if sampler not in SAMPLERS:
             raise ConfigError(f"SampleQuality.sampler={sampler!r}: choose one of {SAMPLERS}")
+        try:
+            check_sampler(sampler, schedule_for(sampler, schedule))
+            eta = resolve_eta(sampler, eta)
+        except ValueError as err:
+            raise ConfigError(f"SampleQuality (sampler={sampler!r}, schedule={schedule!r}, eta={eta}): {err}") from None
         if num_samples < 2 or every_n_epochs < 1:
             raise ConfigError(f"SampleQuality: num_samples must be >= 2 and every_n_epochs >= 1, got "
                               f"{num_samples} and {every_n_epochs}")
         self.num_samples, self.every_n_epochs, self.seed = num_samples, every_n_epochs, seed
         self.extractor_name, self.inception_weights, self.probe_cache = extractor, inception_weights, probe_cache
-        self.sampling = SimpleNamespace(sampler=sampler, steps=steps, eta=eta, scale=guidance_scale)
+        self.sampling = SimpleNamespace(sampler=sampler, steps=steps, eta=eta, scale=guidance_scale, schedule=schedule)
         self.metrics: GenerativeMetrics | None = None
 
     def _metrics(self, device: torch.device) -> GenerativeMetrics:

@@ -33,7 +33,8 @@ from ldm.eval.probe import ProbeAccuracyError, load_or_train_probe
 from ldm.eval.protocol import EvalProtocol
 from ldm.eval.reconstruction import BICUBIC, evaluate_reconstruction, image_batches
 from ldm.losses.lpips import build_lpips
-from ldm.models.ddpm import SAMPLERS
+from ldm.diffusion.sampling import DISCRETE_SAMPLERS, SAMPLERS
+from ldm.diffusion.sigma_schedules import SIGMA_SCHEDULES
 from ldm.util import ConfigError, instantiate_from_config
 
 TASKS = ("reconstruction", "generation", "superres", "conditional")
@@ -64,8 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="sample i starts from noise seeded with seed + i")
     g = p.add_argument_group("sampling (generation, superres, conditional)")
     g.add_argument("--sampler", choices=SAMPLERS, default="ddim")
-    g.add_argument("--steps", type=int, default=50, help="DDIM / PLMS steps")
-    g.add_argument("--eta", type=float, default=0.0)
+    g.add_argument("--schedule", choices=SIGMA_SCHEDULES, default=None,
+                   help="sigma samplers' noise levels (default karras; ddpm/ddim/plms use their own timesteps)")
+    g.add_argument("--steps", type=int, default=50, help="sampler steps (DDPM runs every timestep)")
+    g.add_argument("--eta", type=float, default=None,
+                   help="ddim (default 0), euler_a / dpmpp_2s_a / dpmpp_2m_sde (default 1) noise")
     g.add_argument("--scale", type=float, default=1.0, help="classifier-free guidance scale (1: none)")
     g.add_argument("--floor", action="store_true", help="generation: score real test-split images too")
     g.add_argument("--ceiling", action="store_true", help="generation: score the untrained denoiser too")
@@ -81,8 +85,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         parser.error("give --run logs/<run>, or --config CONFIG.yaml --ckpt CHECKPOINT")
     if opt.n is not None and opt.n < 1:
         parser.error(f"--n must be positive, got {opt.n}")
-    if opt.task != "reconstruction" and opt.sampler == "ddim" and not 1 <= opt.steps <= 1000:
+    if opt.task != "reconstruction" and opt.sampler != "ddpm" and not 1 <= opt.steps <= 1000:
         parser.error(f"--steps must be in [1, 1000], got {opt.steps}")
+    sampling_cli.check_sampling_options(parser, opt)
     return opt
 
 
@@ -146,6 +151,7 @@ def sampling_protocol(opt: argparse.Namespace, loaded: sampling_cli.Loaded, coun
                       notes: str) -> EvalProtocol:
     steps = loaded.model.num_timesteps if opt.sampler == "ddpm" else opt.steps
     return EvalProtocol(num_samples=count, sampler=opt.sampler, steps=steps, eta=opt.eta, guidance_scale=opt.scale,
+                        sigma_schedule="" if opt.sampler in DISCRETE_SAMPLERS else opt.schedule,
                         seed=opt.seed, image_size=image_size, feature_extractor=getattr(extractor, "name", "none"),
                         feature_extractor_sha256=getattr(extractor, "weights_sha256", ""), data_split=opt.split,
                         dataset=dataset, checkpoint=loaded.ckpt, metrics=metrics, notes=notes)

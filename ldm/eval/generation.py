@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from ldm.eval.metrics import GenerativeMetrics, ReconstructionMetrics
-from ldm.sampling_cli import step_generator
+from ldm.sampling_cli import sampler_kwargs, step_generator
 from ldm.sampling_conditions import SamplingError
 from ldm.util import instantiate_from_config
 
@@ -52,9 +52,8 @@ def sample_like(model: nn.Module, batch: Mapping[str, Any], first_seed: int, opt
     n = len(model.get_image(batch))
     shape = model.sample_shape(1, {k: v[:1] for k, v in cond.items()})[1:]
     x_T = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(first_seed + j)) for j in range(n)])
-    return model.sample(cond or None, batch_size=n, sampler=opt.sampler, steps=opt.steps, eta=opt.eta,
-                        guidance_scale=opt.scale, generator=step_generator(first_seed), x_T=x_T.to(model.device),
-                        use_ema=use_ema).float().cpu()
+    return model.sample(cond or None, batch_size=n, guidance_scale=opt.scale, generator=step_generator(first_seed),
+                        x_T=x_T.to(model.device), use_ema=use_ema, **sampler_kwargs(opt)).float().cpu()
 
 
 def untrained_copy(model: nn.Module, unet_config: Mapping, seed: int) -> nn.Module:

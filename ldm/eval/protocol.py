@@ -34,7 +34,7 @@ def now_iso() -> str:
 
 _TYPES: dict[str, type | tuple[type, ...]] = {
     "num_samples": int, "sampler": str, "steps": int, "eta": (int, float), "guidance_scale": (int, float),
-    "seed": int, "image_size": int, "feature_extractor": str, "feature_extractor_sha256": str,
+    "seed": int, "image_size": int, "sigma_schedule": str, "feature_extractor": str, "feature_extractor_sha256": str,
     "data_split": str, "dataset": str, "checkpoint": str, "notes": str, "date": str, "machine": str,
     "metrics": dict, "definitions": dict,
 }
@@ -44,7 +44,7 @@ _TYPES: dict[str, type | tuple[type, ...]] = {
 class EvalProtocol:
     """One evaluation run's protocol; `metrics` holds its results, `definitions` how each was computed."""
     num_samples: int                  # generated (or reconstructed) images scored
-    sampler: str                      # e.g. "ddim", "plms", "dpm++2m", "reconstruction"
+    sampler: str                      # e.g. "ddim", "plms", "dpmpp_2m", "reconstruction"
     steps: int                        # sampler steps (0 for reconstructions)
     eta: float                        # DDIM eta (0 deterministic)
     guidance_scale: float             # classifier-free guidance s (1.0 = none)
@@ -56,6 +56,7 @@ class EvalProtocol:
     dataset: str = ""                 # reference data set, e.g. "Shapes(max_objects=2)"
     checkpoint: str = ""              # the evaluated model's checkpoint file
     notes: str = ""                   # anything else a reader needs (baselines, metric variants)
+    sigma_schedule: str = ""          # a sigma sampler's noise levels (uniform, karras, exponential); "" otherwise
     date: str = field(default_factory=now_iso)
     machine: str = field(default_factory=machine_description)
     metrics: dict[str, float] = field(default_factory=dict)

@@ -16,16 +16,15 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from ldm import visualization
 from ldm.checkpoint import read_state_dict
 from ldm.diffusion import (BUFFER_NAMES, PARAMETERIZATIONS, CFGDenoiser, DiffusionSchedule, lvlb_weights,
-                           make_schedule, q_sample, sample_ddim, sample_ddpm, sample_plms, sample_timesteps,
-                           target_for, training_loss)
+                           make_schedule, q_sample, sample_timesteps, target_for, training_loss)
 from ldm.diffusion.losses import LOSS_TYPES, min_snr_weights
+from ldm.diffusion.sampling import SAMPLERS, check_sampler, run_sampler  # noqa: F401 - SAMPLERS re-exported
 from ldm.lr_schedules import COMPVIS_SCHEDULES, linear_cycle_schedule  # noqa: F401 (re-exported)
 from ldm.models.diffusion_wrapper import DiffusionWrapper
 from ldm.modules.ema import LitEma, ema_scope
 from ldm.util import ConfigError, check_params, get_obj_from_str, instantiate_from_config
 
 DEFAULT_BASE_LR = 1.0e-4  # main.py overrides `learning_rate`
-SAMPLERS = ("ddpm", "ddim", "plms")
 
 Condition = dict[str, torch.Tensor]  # {"c_concat" | "c_crossattn" | "c_adm": tensor}
 
@@ -247,50 +246,55 @@ class DDPM(pl.LightningModule):
     def sample_shape(self, batch_size: int, cond: Condition) -> tuple[int, ...]:
         return (batch_size, self.channels, self.image_size, self.image_size)
 
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] -> the sampled space (pixel space: the images themselves); img2img starts here."""
+        return images.to(self.device, torch.float32)
+
     @torch.no_grad()
     def sample_latents(self, cond: Any = None, batch_size: int | None = None, sampler: str = "ddim",
-                       steps: int = 50, eta: float = 0.0, guidance_scale: float = 1.0, uncond: Any = None,
+                       steps: int = 50, eta: float | None = None, guidance_scale: float = 1.0, uncond: Any = None,
                        generator: torch.Generator | None = None, x_T: torch.Tensor | None = None,
                        mask: torch.Tensor | None = None, x0: torch.Tensor | None = None, start_t: int | None = None,
-                       progress: bool = False, return_intermediates: bool = False, use_ema: bool = True):
+                       progress: bool = False, return_intermediates: bool = False, use_ema: bool = True,
+                       sigma_schedule: str = "uniform", init: torch.Tensor | None = None,
+                       strength: float | None = None):
         """Samples in the model's space (pixels, or latents for LatentDiffusion); see `sample`."""
-        if sampler not in SAMPLERS:
-            raise ValueError(f"sample: unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+        check_sampler(sampler, sigma_schedule)
         cond = self.as_condition(cond)
         batch_size = _batch_size(batch_size, cond, x_T)
         denoise: Callable[..., torch.Tensor] = self.apply_model
         if guidance_scale != 1.0:
             uncond = self.null_condition(batch_size, cond) if uncond is None else self.as_condition(uncond)
             denoise = CFGDenoiser(self.apply_model, guidance_scale, uncond)
-        common = dict(parameterization=self.parameterization, clip_denoised=self.clip_denoised, extra_args=cond,
-                      start_t=start_t, mask=mask, x0=x0, generator=generator,
-                      return_intermediates=return_intermediates, progress=progress)
         start = x_T if x_T is not None else self.sample_shape(batch_size, cond)
         with self.ema_scope(enabled=use_ema):
-            if sampler == "ddpm":
-                return sample_ddpm(denoise, start, self.schedule, **common)
-            if sampler == "plms":
-                if eta != 0:
-                    raise ValueError(f"sample: the PLMS sampler is deterministic; eta must be 0, got {eta}")
-                return sample_plms(denoise, start, self.schedule, steps=steps, **common)
-            return sample_ddim(denoise, start, self.schedule, steps=steps, eta=eta, **common)
+            return run_sampler(denoise, start, self.schedule, self.parameterization, sampler, steps, eta,
+                               sigma_schedule, clip_denoised=self.clip_denoised, extra_args=cond, init=init,
+                               strength=strength, mask=mask, x0=x0, start_t=start_t, generator=generator,
+                               return_intermediates=return_intermediates, progress=progress)
 
     @torch.no_grad()
     def sample(self, cond: Any = None, batch_size: int | None = None, sampler: str = "ddim", steps: int = 50,
-               eta: float = 0.0, guidance_scale: float = 1.0, uncond: Any = None,
+               eta: float | None = None, guidance_scale: float = 1.0, uncond: Any = None,
                generator: torch.Generator | None = None, x_T: torch.Tensor | None = None,
                mask: torch.Tensor | None = None, x0: torch.Tensor | None = None, start_t: int | None = None,
-               progress: bool = False, return_latents: bool = False, use_ema: bool = True):
+               progress: bool = False, return_latents: bool = False, use_ema: bool = True,
+               sigma_schedule: str = "uniform", init: torch.Tensor | None = None, strength: float | None = None):
         """Images (B, C, H, W) in [-1, 1], and the sampled latents too with return_latents.
 
         cond: None, `get_learned_conditioning(...)` output, or a dict of c_concat / c_crossattn / c_adm tensors.
-        sampler "ddpm" (all T steps; `steps` unused), "ddim" (`steps`, `eta`) or "plms" (`steps`).
-        guidance_scale != 1: classifier-free guidance against `uncond` (default `null_condition`).
-        x_T: the starting noise; mask (1 = known) and x0: inpainting in the sampled space; start_t: img2img;
-        generator: source of all randomness (same seed, same images); use_ema: sample with the EMA weights.
+        sampler: "ddpm" (all T steps; `steps` unused), "ddim" (`steps`, `eta`, default 0), "plms" (`steps`), or a
+        sigma sampler of ldm.diffusion.sampling (euler, euler_a, heun, dpmpp_2m, dpmpp_2m_sde, dpmpp_2s_a, unipc)
+        over `sigma_schedule` (uniform, karras, exponential); euler_a, dpmpp_2m_sde and dpmpp_2s_a take `eta`
+        (default 1). guidance_scale != 1: classifier-free guidance against `uncond` (default `null_condition`).
+        x_T: the starting noise; init (sampled space, `encode`) and strength in (0, 1]: img2img from init noised by
+        x_T; mask (1 = known) and x0 (default init): inpainting in the sampled space; start_t: a discrete
+        sampler's start with x_T already noised there; generator: source of all randomness (same seed, same
+        images); use_ema: sample with the EMA weights.
         """
         latents = self.sample_latents(cond, batch_size, sampler, steps, eta, guidance_scale, uncond, generator,
-                                      x_T, mask, x0, start_t, progress, use_ema=use_ema)
+                                      x_T, mask, x0, start_t, progress, use_ema=use_ema,
+                                      sigma_schedule=sigma_schedule, init=init, strength=strength)
         images = self.decode(latents).clamp(-1.0, 1.0)
         return (images, latents) if return_latents else images
 

@@ -175,6 +175,11 @@ class LatentDiffusion(DDPM):
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         return self.decode_first_stage(z).clamp(-1.0, 1.0)
 
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> scaled latents (the posterior mode): where img2img starts."""
+        return self.get_first_stage_encoding(images.to(self.device, torch.float32), sample=False)
+
     def on_train_batch_start(self, batch: Mapping[str, Any], batch_idx: int) -> None:
         if self.scale_by_std and not self._scale_factor_ready:
             self.init_scale_factor(batch)
