@@ -145,7 +145,7 @@ def small_decoder_encoder():
 def test_tiled_decode_and_encode_with_one_tile_equal_untiled():
     dec, enc = small_decoder_encoder()
     z = torch.randn(1, 4, 12, 20)
-    torch.testing.assert_close(tiled_decode(dec, z, tile=32, overlap=8, factor=2), dec(z), atol=1e-5, rtol=0)
+    torch.testing.assert_close(tiled_decode(dec, z, tile=32, overlap=8), dec(z), atol=1e-5, rtol=0)
     x = torch.randn(1, 3, 24, 40)
     torch.testing.assert_close(tiled_encode(enc, x, tile=64, overlap=16, factor=2), enc(x), atol=1e-5, rtol=0)
 
@@ -155,12 +155,21 @@ def test_tiled_decode_and_encode_of_local_maps_equal_untiled():
     up = lambda z: F.interpolate(z[:, :3] * 2 + 1, scale_factor=4, mode="nearest")  # noqa: E731
     down = lambda x: F.avg_pool2d(x, 4)                                              # noqa: E731
     z, x = torch.randn(2, 4, 20, 36), torch.randn(2, 3, 80, 144)
-    torch.testing.assert_close(tiled_decode(up, z, tile=8, overlap=3, factor=4), up(z), atol=1e-5, rtol=0)
+    torch.testing.assert_close(tiled_decode(up, z, tile=8, overlap=3), up(z), atol=1e-5, rtol=0)
     torch.testing.assert_close(tiled_encode(down, x, tile=32, overlap=8, factor=4), down(x), atol=1e-5, rtol=0)
+    # structures of outputs, each at its own scale, and extra inputs cropped to the tile
+    pyramid = lambda x: (F.avg_pool2d(x, 4), [x, F.avg_pool2d(x, 2)])                # noqa: E731
+    out, ref = tiled_encode(pyramid, x, tile=32, overlap=8, factor=4), pyramid(x)
+    for a, b in zip([out[0], *out[1]], [ref[0], *ref[1]]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    fused = lambda z, feats: up(z) + feats[1]                                        # noqa: E731
+    feats = [torch.randn(2, 3, 40, 72), torch.randn(2, 3, 80, 144)]
+    torch.testing.assert_close(tiled_decode(fused, z, tile=8, overlap=4, extra=feats), fused(z, feats),
+                               atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="multiples of the factor 4"):
         tiled_encode(down, x, tile=30, overlap=8, factor=4)
-    with pytest.raises(ValueError, match="check factor"):
-        tiled_decode(up, z, tile=8, overlap=3, factor=2)
+    with pytest.raises(ValueError, match="not a whole multiple of the tile"):
+        tiled_decode(lambda z: F.interpolate(z, size=(5, 7)), z, tile=8, overlap=3)
 
 
 def tile_normalised_decode(z):
@@ -178,7 +187,7 @@ def test_blending_hides_the_seams_of_per_tile_statistics():
         naive[..., tile.top * 2:(tile.top + 12) * 2, tile.left * 2:(tile.left + 12) * 2] = \
             tile_normalised_decode(tile.crop(z))
     ys, xs = tile_borders(grid, 24, 24, factor=2)
-    blended = tiled_decode(tile_normalised_decode, z, tile=12, overlap=6, factor=2)
+    blended = tiled_decode(tile_normalised_decode, z, tile=12, overlap=6)
     assert seam_score(naive, ys, xs) > 3
     assert seam_score(blended, ys, xs) < 1.5
     assert abs(seam_score(tile_normalised_decode(z), ys, xs) - 1) < 0.2

@@ -9,8 +9,9 @@ sigma = 0.1 tile; the sum is divided by the summed weights. StableSR's released 
 
     TiledDenoiser(model, tile=64, overlap=32)   the sampler's denoiser `model(x, t, **cond)` run per latent
                                                 tile, spatial conditions cropped alike; predictions blended
-    tiled_decode(decode, z, tile, overlap, f)   latent tiles -> pixel tiles (f times larger), blended in pixels
-    tiled_encode(encode, x, tile, overlap, f)   pixel tiles -> latent tiles, blended in latent space
+    tiled_decode(decode, z, tile, overlap)      latent tiles -> pixel tiles (f times larger), blended in pixels;
+                                                `extra=` spatial inputs (CFW encoder features) cropped alike
+    tiled_encode(encode, x, tile, overlap, f)   pixel tiles -> latent tiles (and features), each blended at its scale
 
 The first-stage functions blend overlapping tiles of one decode / encode; StableSR's released scripts instead
 cut 1280-pixel patches and run the whole pipeline on each. Decoder normalisation statistics differ per tile,
@@ -22,6 +23,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 CENTRES = ("released", "symmetric")
 
@@ -184,40 +186,50 @@ def _concat(parts: list[Any], batch: int) -> Any:
 
 # ----------------------------------------------------------------------------- first stage
 
-def _tiled_map(fn: Callable[[Tensor], Tensor], x: Tensor, grid: Sequence[Tile], grid_size: tuple[int, int],
-               in_scale: int, out_scale: int, sigma: float, centres: str) -> Tensor:
-    """fn on each tile of x (grid units times in_scale pixels), outputs blended on a grid_size x out_scale canvas."""
-    blender = TileBlender(sigma, centres)
-    canvas = (grid_size[0] * out_scale, grid_size[1] * out_scale)
+def _tiled_map(fn: Callable[..., Any], x: Tensor, grid: Sequence[Tile], grid_size: tuple[int, int], in_scale: int,
+               extra: Any, sigma: float, centres: str) -> Any:
+    """fn on each tile of x (grid units times in_scale pixels), with `extra` cropped alike when given; every
+    tensor fn returns (a tensor, or a list / tuple / dict of them) is blended on its own canvas, its scale
+    inferred from its size against the tile's."""
+    blenders: list[TileBlender] | None = None
+    spec = None
     for tile in grid:
-        out = fn(tile.scaled(in_scale).crop(x))
-        expected = tile.scaled(out_scale)
-        if out.shape[-2:] != (expected.height, expected.width):
-            raise ValueError(f"tiled first stage: a {tile.height * in_scale}x{tile.width * in_scale} tile gave "
-                             f"{tuple(out.shape[-2:])}, expected {(expected.height, expected.width)}; check factor")
-        blender.add(out, expected, canvas)
-    return blender.result()
+        args = (tile.scaled(in_scale).crop(x),)
+        if extra is not None:
+            args += (crop_condition(extra, tile, grid_size, "extra"),)
+        leaves, spec = tree_flatten(fn(*args))
+        blenders = blenders or [TileBlender(sigma, centres) for _ in leaves]
+        for blender, out in zip(blenders, leaves):
+            ratio = Fraction(out.shape[-2], tile.height)
+            if Fraction(out.shape[-1], tile.width) != ratio or (grid_size[0] * ratio).denominator != 1 \
+                    or (grid_size[1] * ratio).denominator != 1:
+                raise ValueError(f"tiled first stage: a {tile.height}x{tile.width} tile (grid units) gave an output "
+                                 f"of {tuple(out.shape[-2:])}, not a whole multiple of the tile in both axes")
+            blender.add(out, tile.scaled(ratio), (int(grid_size[0] * ratio), int(grid_size[1] * ratio)))
+    return tree_unflatten([b.result() for b in blenders], spec)
 
 
-def tiled_decode(decode: Callable[[Tensor], Tensor], z: Tensor, tile: int = 64, overlap: int = 16, factor: int = 8,
-                 sigma: float = 0.1, centres: str = "released") -> Tensor:
-    """decode(z) over tile x tile latent tiles (overlap in latent pixels), each output factor times larger,
-    blended in pixel space: (B, C, h, w) -> (B, C_img, h f, w f)."""
+def tiled_decode(decode: Callable[..., Any], z: Tensor, tile: int = 64, overlap: int = 16, extra: Any = None,
+                 sigma: float = 0.1, centres: str = "released") -> Any:
+    """decode(z) over tile x tile latent tiles (overlap in latent pixels), blended at the output's scale:
+    (B, C, h, w) -> (B, C_img, h f, w f). With `extra` (e.g. CFW's encoder features, any spatial tensors at a
+    fixed ratio of z), decode(z_tile, extra_tile) is called with them cropped to the tile."""
     grid = tile_grid(z.shape[-2], z.shape[-1], tile, overlap)
-    return _tiled_map(decode, z, grid, tuple(z.shape[-2:]), 1, factor, sigma, centres)
+    return _tiled_map(decode, z, grid, tuple(z.shape[-2:]), 1, extra, sigma, centres)
 
 
-def tiled_encode(encode: Callable[[Tensor], Tensor], x: Tensor, tile: int = 512, overlap: int = 128, factor: int = 8,
-                 sigma: float = 0.1, centres: str = "released") -> Tensor:
-    """encode(x) over tile x tile pixel tiles (tile, overlap and x's size multiples of `factor`), blended in latent
-    space: (B, 3, H, W) -> (B, C, H / f, W / f). Blend a deterministic map (a KL posterior's mean or its moments,
-    then sample), not samples: averaging samples shrinks their variance in the overlaps."""
+def tiled_encode(encode: Callable[[Tensor], Any], x: Tensor, tile: int = 512, overlap: int = 128, factor: int = 8,
+                 sigma: float = 0.1, centres: str = "released") -> Any:
+    """encode(x) over tile x tile pixel tiles (tile, overlap and x's size multiples of the downsampling `factor`),
+    each output blended at its own scale: (B, 3, H, W) -> (B, C, H / f, W / f), or a structure of tensors such as
+    Encoder(x, return_features=True). Blend a deterministic map (a KL posterior's moments, then sample), not
+    samples: averaging samples shrinks their variance in the overlaps."""
     h, w = x.shape[-2:]
     if h % factor or w % factor or tile % factor or overlap % factor:
         raise ValueError(f"tiled_encode: image {h}x{w}, tile {tile} and overlap {overlap} must be multiples of "
                          f"the factor {factor}")
     grid = tile_grid(h // factor, w // factor, tile // factor, overlap // factor)
-    return _tiled_map(encode, x, grid, (h // factor, w // factor), factor, 1, sigma, centres)
+    return _tiled_map(encode, x, grid, (h // factor, w // factor), factor, None, sigma, centres)
 
 
 # ----------------------------------------------------------------------------- seams
