@@ -117,8 +117,8 @@ class MemoryModel:
         scale = float(max(peaks)) or 1.0                # a well-conditioned system: columns of similar size
         columns = [np.ones_like(p), p / p.max(), (p / p.max()) ** 2][:degree + 1]
         coef, _ = nnls(np.stack(columns, axis=1), np.asarray(peaks, dtype=np.float64) / scale)
-        coef = list(coef * scale) + [0.0] * (2 - degree)
-        return cls(coef[0], coef[1] / p.max(), coef[2] / p.max() ** 2)
+        coef = [float(c) for c in coef * scale] + [0.0] * (2 - degree)
+        return cls(coef[0], coef[1] / float(p.max()), coef[2] / float(p.max()) ** 2)
 
 
 def measure_memory_model(fn: Callable[[torch.Tensor], Any], make_input: Callable[[int], torch.Tensor],
