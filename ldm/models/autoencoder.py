@@ -30,7 +30,9 @@ class AutoencoderBase(pl.LightningModule):
     """Shared training, validation, image logging and checkpoint loading; subclasses add the bottleneck.
 
     Subclasses implement `_reconstruct(x) -> (xrec, reg_loss, logs)` and `_autoencoder_modules()`,
-    then call `_finish_init(ckpt_path, ignore_keys)` at the end of their __init__.
+    then call `_finish_init(ckpt_path, ignore_keys)` at the end of their __init__. A model whose target is not
+    its input (StableSR's CFW decodes a latent towards a ground truth) overrides `reconstruction_pair(batch)`;
+    one that trains only part of itself overrides `generator_parameters()`.
     """
 
     def __init__(self, ddconfig: Mapping, lossconfig: Mapping, embed_dim: int, image_key: str = "image",
@@ -116,6 +118,11 @@ class AutoencoderBase(pl.LightningModule):
                        f"{len(kept)} kept at initialisation")
 
     # ---- inputs -----------------------------------------------------------------------------------------------
+    def reconstruction_pair(self, batch: Mapping[str, Any]):
+        """(target x, reconstruction, reg_loss, logs) of a batch: here the input and its reconstruction."""
+        x = self.get_input(batch)
+        return (x, *self._reconstruct(x))
+
     def get_input(self, batch: Mapping[str, Any]) -> torch.Tensor:
         """batch[image_key] as (B, C, H, W); integer label maps (B, H, W) become one-hot with colorize_nlabels."""
         if self.image_key not in batch:
@@ -156,11 +163,15 @@ class AutoencoderBase(pl.LightningModule):
             name = getattr(self.loss, "original_target", type(self.loss).__name__)  # ldm.compat.Unserved
             raise ConfigError(f"{type(self).__name__}: lossconfig target {name} has no training loss; set "
                               f"model.params.lossconfig to an autoencoder loss to train")
-        params_g = [p for m in self._autoencoder_modules().values() for p in m.parameters()]
-        params_g += list(self.loss.autoencoder_parameters())
+        params_g = self.generator_parameters()
         opt_g = torch.optim.Adam(params_g, lr=self.lr_g_factor * self.learning_rate, betas=(0.5, 0.9))
         opt_d = torch.optim.Adam(self.loss.discriminator.parameters(), lr=self.learning_rate, betas=(0.5, 0.9))
         return [opt_g, opt_d]
+
+    def generator_parameters(self) -> list[nn.Parameter]:
+        """What the generator optimizer trains: the autoencoder and the loss' own parameters (logvar)."""
+        params = [p for m in self._autoencoder_modules().values() for p in m.parameters()]
+        return params + list(self.loss.autoencoder_parameters())
 
     def lr_multiplier(self, step: int) -> float:
         """Linear warm-up over lr_warmup_steps, times scheduler_config's f(step) when given."""
@@ -185,8 +196,7 @@ class AutoencoderBase(pl.LightningModule):
         step = self.global_step                                    # batches trained so far
         opt_g, opt_d = self.optimizers()
         self._set_lr(opt_g, opt_d, step)
-        x = self.get_input(batch)
-        xrec, reg_loss, logs = self._reconstruct(x)
+        x, xrec, reg_loss, logs = self.reconstruction_pair(batch)
         with self.toggled_optimizer(opt_g):                        # no discriminator grads in the generator step
             g_loss, log_g = self.loss.generator_loss(x, xrec, reg_loss, step, last_layer=self.get_last_layer(),
                                                      split="train")
@@ -224,9 +234,8 @@ class AutoencoderBase(pl.LightningModule):
         return metrics
 
     def validation_step(self, batch, batch_idx):
-        x = self.get_input(batch)
         with self.ema_scope():
-            xrec, reg_loss, logs = self._reconstruct(x)
+            x, xrec, reg_loss, logs = self.reconstruction_pair(batch)
         log = {f"val/{k}": v for k, v in (logs | self.quality_metrics(x, xrec)).items()}
         if self.has_training_loss():
             _, log_g = self.loss.generator_loss(x, xrec, reg_loss, self.global_step,
