@@ -1,8 +1,11 @@
 """The StableSR module: the frozen / trainable split (the optimizer sees only the encoder and SFT layers, the base
 stays bit-identical through training), step 0 = the base model, base and StableSR checkpoints, sampling from the
 LR latent with the encoder re-run per step, the empty prompt of an OpenCLIP conditioner, config errors."""
+from pathlib import Path
+
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from ldm.checkpoint import save_checkpoint_atomic
 from ldm.diffusion import q_sample
@@ -20,6 +23,7 @@ ENCODER = {"target": "ldm.modules.stablesr.TimeAwareEncoder",
 OPENCLIP = {"target": "ldm.modules.encoders.FrozenOpenCLIPEmbedder",
             "params": {"arch": {"width": 32, "layers": 2, "heads": 2, "embed_dim": 32}, "layer": "penultimate",
                        "pretrained": False}}
+REPO = Path(__file__).resolve().parents[1]
 COMMON = dict(first_stage_config=FIRST_STAGE, timesteps=50, image_size=8, channels=3, log_every_t=10,
               parameterization="v", scale_by_std=True)
 
@@ -186,6 +190,24 @@ def test_empty_prompt_conditioner_guidance_and_image_logging():
     assert logs["lr_upsampled"].shape == (2, 3, 16, 16)
     with pytest.raises(ValueError, match="StableSR samples from an LR latent"):
         model.sample({"c_crossattn": empty}, steps=2)
+
+
+# ---- configs --------------------------------------------------------------------------------------------------------
+def test_tiny_stablesr_config_sits_on_the_tiny_base_config():
+    """Same U-Net (plus SFT), first stage, schedule and parameterisation as ldm_photos_base_tiny.yaml, whose
+    checkpoint it loads; the encoder's outputs cover the U-Net's widths."""
+    base = OmegaConf.load(REPO / "configs" / "diffusion" / "ldm_photos_base_tiny.yaml").model.params
+    sr = OmegaConf.load(REPO / "configs" / "diffusion" / "stablesr_photos_tiny.yaml").model.params
+    sft = {k: v for k, v in sr.unet_config.params.items() if not k.startswith(("semb", "sft_"))}
+    assert sft == base.unet_config.params
+    first = OmegaConf.to_container(base.first_stage_config.params)
+    first.pop("ckpt_path")
+    assert OmegaConf.to_container(sr.first_stage_config.params) == first
+    for key in ("timesteps", "parameterization", "linear_start", "linear_end", "image_size", "channels",
+                "scale_by_std"):
+        assert sr[key] == base[key], key
+    assert sr.structcond_stage_config.params.channel_mult == sr.unet_config.params.channel_mult
+    assert sr.structcond_stage_config.params.out_channels == sr.unet_config.params.semb_channels
 
 
 # ---- config errors --------------------------------------------------------------------------------------------------

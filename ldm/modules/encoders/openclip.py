@@ -139,9 +139,9 @@ class FrozenOpenCLIPEmbedder(nn.Module):
         if cache_size < 0 or (cache_size and not freeze):
             raise ConfigError(f"FrozenOpenCLIPEmbedder.cache_size must be >= 0 and needs freeze=true, got "
                               f"cache_size={cache_size}, freeze={freeze}")
+        path = find_weights(arch, version) if pretrained else None   # before building: fail fast, no memory
         self.model = OpenCLIPTextTower(**dims)
-        if pretrained:
-            path = find_weights(arch, version)
+        if path is not None:
             sd = {k: v for k, v in read_state_dict(path).items() if not k.startswith("visual.")}
             sd.pop("attn_mask", None)
             try:
@@ -212,10 +212,11 @@ class FrozenOpenCLIPEmbedder(nn.Module):
         return torch.stack(self._cache.rows(text, lambda idx: self._encode([text[i] for i in idx])))  # (B, L, D)
 
     def _encode(self, text: Sequence[str]) -> torch.Tensor:
-        tokens = self.tokenize(text).to(self.model.positional_embedding.device)   # (B, L)
+        tokens = self.tokenize(text)                                               # (B, L)
         if int(tokens.max()) >= self.model.vocab_size:
             raise ValueError(f"FrozenOpenCLIPEmbedder: token id {int(tokens.max())} >= vocab_size "
                              f"{self.model.vocab_size}; the tokenizer does not fit the model")
+        tokens = tokens.to(self.model.positional_embedding.device)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             return self.model(tokens, self.skip_last)                              # (B, L, D)
 
