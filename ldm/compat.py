@@ -71,7 +71,8 @@ ALIASES: dict[str, Alias] = {
     "ldm.models.diffusion.ddpm.DDPM": Alias("ldm.models.ddpm.DDPM"),
     "ldm.models.diffusion.ddpm.LatentDiffusion": Alias("ldm.models.latent_diffusion.LatentDiffusion"),
     "ldm.lr_scheduler.LambdaLinearScheduler": Alias("ldm.models.ddpm.linear_cycle_schedule"),
-    # StableSR (IceClear/StableSR): the SR model, its SFT U-Net and time-aware encoder (released init: not zero)
+    # StableSR (IceClear/StableSR): the SR model, its SFT U-Net and time-aware encoder (released init: not zero).
+    # Its CFW autoencoder `ldm.models.autoencoder.AutoencoderKLResi` needs an entry only if ours lives elsewhere.
     "ldm.models.diffusion.ddpm.LatentDiffusionSRTextWT": Alias(
         "ldm.models.stablesr.StableSR", drop=("random_size", "use_usm"), translate=_stablesr_params,
         consumes=("unfrozen_diff", "test_gt", "p2_gamma", "p2_k", "mix_ratio", "time_replace")),

@@ -107,7 +107,8 @@ def encoder_layout(mc=256, mult=(1, 1, 2, 2), nrb=2, attn=(4, 2, 1), out=256, c_
             taps.append(ch)
             _wb(s, f"input_blocks.{n}.0.op", (ch, ch, 3, 3), ch)
             n, ds = n + 1, ds * 2
-    resblock(s, "middle_block.0", ch, ch, emb), attention("middle_block.1", ch), resblock(s, "middle_block.2", ch, ch, emb)
+    resblock(s, "middle_block.0", ch, ch, emb), attention("middle_block.1", ch)
+    resblock(s, "middle_block.2", ch, ch, emb)
     for i, c in enumerate(taps + [ch]):
         resblock(s, f"fea_tran.{i}", c, out, emb)
     return s

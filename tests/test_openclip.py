@@ -99,7 +99,8 @@ def test_same_tokens_and_features_as_open_clip():
     import open_clip
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
     torch.manual_seed(0)
-    reference = CLIP(embed_dim=16, vision_cfg=CLIPVisionCfg(layers=1, width=32, head_width=16, patch_size=8, image_size=16),
+    vision = CLIPVisionCfg(layers=1, width=32, head_width=16, patch_size=8, image_size=16)
+    reference = CLIP(embed_dim=16, vision_cfg=vision,
                      text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=32, heads=2, layers=3)).eval()
     with torch.no_grad():
         for p in reference.parameters():

@@ -129,7 +129,7 @@ def test_sft_unet_features_are_picked_by_width_and_train():
         model(x, t, context, struct_cond={"8": feats["8"]})
 
 
-# ---- time-aware encoder -----------------------------------------------------------------------------------------------
+# ---- time-aware encoder ---------------------------------------------------------------------------------------------
 def test_encoder_returns_one_map_per_unet_width_and_depends_on_t():
     torch.manual_seed(0)
     enc = randomize_(TimeAwareEncoder(**ENCODER)).eval()

@@ -54,11 +54,12 @@ RELEASED = {
 }
 # the same structure, small (U-Net / encoder / VAE / OpenCLIP), and its layout
 P, U, E = "model.params", "model.params.unet_config.params", "model.params.structcond_stage_config.params"
-SHRINK = [f"{U}.model_channels=32", f"{U}.channel_mult=[1,2]", f"{U}.num_res_blocks=1", f"{U}.attention_resolutions=[2,1]",
+F = "model.params.first_stage_config.params.ddconfig"
+SHRINK = [f"{U}.model_channels=32", f"{U}.channel_mult=[1,2]", f"{U}.num_res_blocks=1",
+          f"{U}.attention_resolutions=[2,1]",
           f"{U}.num_head_channels=16", f"{U}.context_dim=32", f"{U}.semb_channels=32", f"{E}.model_channels=32",
           f"{E}.channel_mult=[1,2]", f"{E}.num_res_blocks=1", f"{E}.attention_resolutions=[2,1]", f"{E}.num_heads=2",
-          f"{E}.out_channels=32", f"{P}.first_stage_config.params.ddconfig.ch=32",
-          f"{P}.first_stage_config.params.ddconfig.ch_mult=[1,2]", f"{P}.first_stage_config.params.ddconfig.num_res_blocks=1",
+          f"{E}.out_channels=32", f"{F}.ch=32", f"{F}.ch_mult=[1,2]", f"{F}.num_res_blocks=1",
           f"{P}.cond_stage_config.params.arch={{width: 32, layers: 2, heads: 2, embed_dim: 32}}"]
 SMALL = dict(unet=dict(mc=32, mult=(1, 2), nrb=1, attn=(2, 1), context=32),
              vae=dict(ch=32, ch_mult=[1, 2], num_res_blocks=1, z_channels=4, embed_dim=4),
@@ -137,7 +138,7 @@ def test_released_options_this_port_does_not_implement_are_errors(change, messag
     assert translate_params(SR, {"timesteps": 1000, "use_usm": True, "time_replace": 1000}) == {"timesteps": 1000}
 
 
-# ---- an SD 2.1 base file into our StableSR config ---------------------------------------------------------------------
+# ---- an SD 2.1 base file into our StableSR config -------------------------------------------------------------------
 def test_sd21_base_file_starts_our_stablesr_config(tmp_path):
     g = torch.Generator().manual_seed(1)
     base = {k: torch.randn(s, generator=g) * 0.05 for k, s in sd2_layout(**{k: SMALL[k] for k in ("unet", "vae",

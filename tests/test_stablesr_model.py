@@ -133,7 +133,8 @@ def test_stablesr_checkpoints_round_trip_strictly_and_partial_files_are_errors(t
     save_checkpoint_atomic({"state_dict": model.state_dict()}, tmp_path / "sr.ckpt")
     again = make_sr("spade", seed=3, ckpt_path=str(tmp_path / "sr.ckpt"), use_ema=True)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in again.state_dict().items())
-    sd = {k: v for k, v in model.state_dict().items() if k != "model.diffusion_model.input_blocks.1.0.spade.mlp_beta.bias"}
+    dropped = "model.diffusion_model.input_blocks.1.0.spade.mlp_beta.bias"
+    sd = {k: v for k, v in model.state_dict().items() if k != dropped}
     save_checkpoint_atomic({"state_dict": sd}, tmp_path / "partial.ckpt")
     with pytest.raises(RuntimeError, match="read as a StableSR checkpoint.*1 missing key.*spade.mlp_beta.bias"):
         make_sr("spade", ckpt_path=str(tmp_path / "partial.ckpt"))

@@ -37,7 +37,8 @@ class LatentDiffusion(DDPM):
     Ours beyond CompVis/SD: `cond_drop_prob` (conditioning dropout for classifier-free guidance: one number or
     {concat|crossattn|adm: p}); `masked_image_key`/`mask_key` (inpainting condition); `allow_random_first_stage`
     (build without first-stage weights, and without the pretrained weights of a conditioner whose class has
-    `params_when_restored` (OpenCLIP), for tests and when a checkpoint brings them, as with `ckpt_path`); `ema_decay`, `lr_warmup_steps`, `weight_decay`;
+    `params_when_restored` (OpenCLIP), for tests and when a checkpoint brings them, as with `ckpt_path`);
+    `ema_decay`, `lr_warmup_steps`, `weight_decay`;
     `first_stage_cache_size` (keep the frozen encoder's output for this many images, `FirstStageCache`: each
     epoch after the first skips the encoder; 0, the default, encodes every batch).
     """

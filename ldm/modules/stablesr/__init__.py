@@ -1,4 +1,4 @@
-"""StableSR's networks: the time-aware encoder, the SFT modulation layer and the base U-Net carrying one per ResBlock."""
+"""StableSR's networks: the time-aware encoder, the SFT modulation layer, the base U-Net with one per ResBlock."""
 from ldm.modules.stablesr.encoder import TimeAwareEncoder
 from ldm.modules.stablesr.sft import FORMS, SFTLayer
 from ldm.modules.stablesr.unet import SFT_KEY, SFTUNetModel
