@@ -129,6 +129,28 @@ def test_sft_unet_features_are_picked_by_width_and_train():
         model(x, t, context, struct_cond={"8": feats["8"]})
 
 
+def test_gradient_checkpointing_gives_the_same_outputs_and_gradients():
+    """The full-size config checkpoints the frozen U-Net: the SFT closures must still get their gradients."""
+    plain = randomize_(sft_unet("spade", zero_init=False)).train()
+    torch.manual_seed(0)
+    checkpointed = SFTUNetModel(**{**UNET, "use_checkpoint": True}, semb_channels=16, sft_form="spade",
+                                sft_hidden_channels=8).train()
+    checkpointed.load_state_dict(plain.state_dict())
+    for model in (plain, checkpointed):
+        model.requires_grad_(False)
+        for p in model.sft_parameters():
+            p.requires_grad_(True)
+    x, t, context, _ = inputs()
+    grads = []
+    for model in (plain, checkpointed):
+        feats = {"8": torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(2), requires_grad=True),
+                 "4": torch.randn(2, 16, 4, 4, generator=torch.Generator().manual_seed(3), requires_grad=True)}
+        model(x, t, context, struct_cond=feats).square().mean().backward()
+        grads.append([feats["8"].grad, feats["4"].grad] + [p.grad for p in model.sft_parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
 # ---- time-aware encoder ---------------------------------------------------------------------------------------------
 def test_encoder_returns_one_map_per_unet_width_and_depends_on_t():
     torch.manual_seed(0)
