@@ -5,7 +5,7 @@ Original YAML files name classes of the CompVis repositories (`ldm.models.diffus
 `resolve_target` first, so those files instantiate our classes unchanged. An entry maps one original class;
 where its parameter names differ from ours it carries a small translation (drop / rename / defaults / fixed
 values / a last value-dependent step). Targets whose path is the same here (`ldm.models.autoencoder.AutoencoderKL`,
-`VQModel`, `VQModelInterface`) need no entry. Adding a class (e.g. StableSR's) is one entry.
+`VQModel`, `VQModelInterface`) need no entry. Adding a class is one entry (StableSR's are).
 
 Every target of the published latent-diffusion / SD 1.x configs is served (tests/test_compvis_configs.py):
 models, networks, conditioners, first-stage losses, the three LR schedulers (ldm.lr_schedules), CompVis main.py's
@@ -97,6 +97,24 @@ def _cfw_params(params: dict) -> dict:
     return params
 
 
+def _stablesr_params(params: dict) -> dict:
+    """StableSR's LatentDiffusionSRTextWT: options of its training recipe that this port does not implement must
+    keep their released (neutral) values; the data-side options (USM sharpening, random crop sizes) are dropped:
+    they belong to the training data (degradation pipeline), not to the model."""
+    timesteps = params.get("timesteps", 1000)
+    unsupported = {"unfrozen_diff": (params.pop("unfrozen_diff", False), (False,)),
+                   "test_gt": (params.pop("test_gt", False), (False,)),
+                   "p2_gamma": (params.pop("p2_gamma", None), (None,)),
+                   "p2_k": (params.pop("p2_k", None), (None,)),
+                   "mix_ratio": (params.pop("mix_ratio", 0.0), (0, 0.0)),
+                   "time_replace": (params.pop("time_replace", None), (None, timesteps))}
+    bad = {k: v for k, (v, ok) in unsupported.items() if v not in ok}
+    if bad:
+        raise ConfigError(f"LatentDiffusionSRTextWT: {bad} not supported (the released configs use unfrozen_diff "
+                          "False, test_gt False, p2_gamma/p2_k null, mix_ratio 0, time_replace = timesteps)")
+    return params
+
+
 _LOSSES = "ldm.losses.autoencoder_loss"
 _SCHEDULES = "ldm.lr_schedules"
 ALIASES: dict[str, Alias] = {
@@ -107,6 +125,14 @@ ALIASES: dict[str, Alias] = {
     "ldm.lr_scheduler.LambdaWarmUpCosineScheduler": Alias(f"{_SCHEDULES}.warmup_cosine_schedule"),
     "ldm.lr_scheduler.LambdaWarmUpCosineScheduler2": Alias(f"{_SCHEDULES}.cosine_cycle_schedule"),
     "ldm.lr_scheduler.LambdaLinearScheduler": Alias(f"{_SCHEDULES}.linear_cycle_schedule"),
+    # StableSR (IceClear/StableSR): the SR model, its SFT U-Net and time-aware encoder (released init: not zero).
+    # Its CFW autoencoder `ldm.models.autoencoder.AutoencoderKLResi` needs an entry only if ours lives elsewhere.
+    "ldm.models.diffusion.ddpm.LatentDiffusionSRTextWT": Alias(
+        "ldm.models.stablesr.StableSR", drop=("random_size", "use_usm"), translate=_stablesr_params,
+        consumes=("unfrozen_diff", "test_gt", "p2_gamma", "p2_k", "mix_ratio", "time_replace")),
+    "ldm.modules.diffusionmodules.openaimodel.UNetModelDualcondV2": Alias(
+        "ldm.modules.stablesr.SFTUNetModel", defaults={"sft_form": "spade", "sft_zero_init": False}),
+    "ldm.modules.diffusionmodules.openaimodel.EncoderUNetModelWT": Alias("ldm.modules.stablesr.TimeAwareEncoder"),
     # networks
     "ldm.modules.diffusionmodules.openaimodel.UNetModel": Alias("ldm.modules.diffusionmodules.unet.UNetModel"),
     "ldm.modules.diffusionmodules.model.Encoder": Alias("ldm.modules.autoencoder.model.Encoder"),
@@ -122,6 +148,8 @@ ALIASES: dict[str, Alias] = {
                                                        drop=("device",)),
     "ldm.modules.encoders.modules.SpatialRescaler": Alias("ldm.modules.encoders.rescaler.SpatialRescaler",
                                                           translate=_rescaler_params),
+    "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder": Alias("ldm.modules.encoders.openclip.FrozenOpenCLIPEmbedder",
+                                                                 drop=("device",)),
     "ldm.modules.encoders.modules.FrozenCLIPEmbedder": Alias(
         "ldm.modules.encoders.text.FrozenTextEmbedder", drop=("device",),
         defaults={"version": "openai/clip-vit-large-patch14"}, fixed={"model_class": "clip"},

@@ -38,6 +38,7 @@ KINDS = {  # model kind -> (the flags it takes, how messages name it)
     "layout": (("layout",), "a layout-conditional model"),
     "image": (("image",), "an image-conditional model (super-resolution / semantic map)"),
     "inpainting": (("image", "mask"), "an inpainting model"),
+    "lr_image": (("image",), "a StableSR super-resolution model (--image: the low-resolution picture)"),
 }
 
 
@@ -55,6 +56,8 @@ def model_kind(model: nn.Module) -> str:
     """Which condition the model samples from (a key of KINDS), read from its conditioner."""
     c = getattr(model, "cond_stage_model", None)
     inpaint = getattr(model, "masked_image_key", None) is not None
+    if callable(getattr(model, "lr_condition", None)):
+        return "lr_image"                                  # StableSR: the LR picture (its prompt is empty)
     if c is not None and inpaint:
         raise SamplingError(f"a hybrid model (conditioner {type(c).__name__} plus inpainting) is not supported by "
                             "sample.py; call model.sample in Python")
@@ -130,7 +133,7 @@ def build_conditions(opt: argparse.Namespace, model: nn.Module, kind: str, confi
     if kind == "unconditional":
         return [Condition({}, {}, "sample")]
     build = {"class": class_conditions, "text": text_conditions, "layout": layout_conditions,
-             "image": image_conditions, "inpainting": inpainting_conditions}[kind]
+             "image": image_conditions, "inpainting": inpainting_conditions, "lr_image": lr_image_conditions}[kind]
     with torch.no_grad():
         return build(opt, model, config)
 
@@ -303,6 +306,17 @@ def image_conditions(opt: argparse.Namespace, model: nn.Module, config: DictConf
         raw = read_label_map(path, c.n_classes) if semantic else read_image(path)
         cond = encoded(model, raw)
         check_latent_size(model, cond, tuple(raw.shape[-2:]), path)
+        out.append(Condition(cond, {"image": path}, slugify(os.path.splitext(os.path.basename(path))[0])))
+    return out
+
+
+def lr_image_conditions(opt: argparse.Namespace, model: nn.Module, config: DictConfig) -> list[Condition]:
+    """StableSR: each LR picture upsampled by the model's sr_scale, encoded (`c_lr`), with the empty prompt."""
+    out = []
+    for path in opt.images:
+        raw = read_image(path)
+        cond = model.lr_condition(raw)
+        check_latent_size(model, {"c_concat": cond["c_lr"]}, tuple(raw.shape[-2:]), path)
         out.append(Condition(cond, {"image": path}, slugify(os.path.splitext(os.path.basename(path))[0])))
     return out
 

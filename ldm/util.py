@@ -93,3 +93,31 @@ def count_params(model, trainable_only: bool = False) -> int:
 def default(value: Any, fallback: Any) -> Any:
     """`value` unless it is None."""
     return fallback if value is None else value
+
+
+def with_base_signature(cls: type) -> type:
+    """Class decorator: `cls(**params)` forwards what it does not name to its base class; give `cls` the signature
+    of its own keyword-only parameters plus the base's, so config checks (`check_params`) name unknown keys."""
+    own = [p for p in inspect.signature(cls.__init__).parameters.values() if p.kind == p.KEYWORD_ONLY]
+    names = {p.name for p in own}
+    base = [p.replace(kind=p.KEYWORD_ONLY) for p in inspect.signature(cls.__mro__[1]).parameters.values()
+            if p.name not in names and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    cls.__signature__ = inspect.Signature(base + own)
+    return cls
+
+
+def with_params_when_restored(config: Mapping | DictConfig) -> Mapping:
+    """A {target, params} config whose class declares `params_when_restored` (the params that build it without
+    loading pretrained weights, e.g. {"pretrained": False}) with those set; any other config unchanged. For frozen
+    modules whose weights a checkpoint brings (ldm.load_model, a latent diffusion model's ckpt_path)."""
+    if isinstance(config, DictConfig):
+        config = OmegaConf.to_container(config, resolve=True)
+    if not isinstance(config, Mapping) or not isinstance(config.get("target"), str):
+        return config
+    from ldm.compat import ALIASES  # compat imports this module
+    target = config["target"]
+    cls = get_obj_from_str(ALIASES[target].target if target in ALIASES else target)
+    extra = getattr(cls, "params_when_restored", None)
+    if not extra:
+        return config
+    return {**config, "params": {**(config.get("params") or {}), **extra}}

@@ -112,6 +112,25 @@ ORIGINAL_PARAMS = {
                                                   "use_tokenizer", "embedding_dropout"],
     "ldm.modules.encoders.modules.SpatialRescaler": ["n_stages", "method", "multiplier", "in_channels",
                                                      "out_channels", "bias"],
+    "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder": ["arch", "version", "device", "max_length", "freeze",
+                                                            "layer"],
+    "ldm.models.diffusion.ddpm.LatentDiffusionSRTextWT": DDPM_PARAMS + [
+        "first_stage_config", "cond_stage_config", "structcond_stage_config", "num_timesteps_cond", "cond_stage_key",
+        "cond_stage_trainable", "concat_mode", "cond_stage_forward", "conditioning_key", "scale_factor",
+        "scale_by_std", "unfrozen_diff", "random_size", "test_gt", "p2_gamma", "p2_k", "time_replace", "use_usm",
+        "mix_ratio"],
+    "ldm.modules.diffusionmodules.openaimodel.UNetModelDualcondV2": [
+        "image_size", "in_channels", "model_channels", "out_channels", "num_res_blocks", "attention_resolutions",
+        "dropout", "channel_mult", "conv_resample", "dims", "num_classes", "use_checkpoint", "use_fp16", "num_heads",
+        "num_head_channels", "num_heads_upsample", "use_scale_shift_norm", "resblock_updown",
+        "use_new_attention_order", "use_spatial_transformer", "transformer_depth", "context_dim", "n_embed",
+        "legacy", "disable_self_attentions", "num_attention_blocks", "disable_middle_self_attn",
+        "use_linear_in_transformer", "semb_channels"],
+    "ldm.modules.diffusionmodules.openaimodel.EncoderUNetModelWT": [
+        "image_size", "in_channels", "model_channels", "out_channels", "num_res_blocks", "attention_resolutions",
+        "dropout", "channel_mult", "conv_resample", "dims", "use_checkpoint", "use_fp16", "num_heads",
+        "num_head_channels", "num_heads_upsample", "use_scale_shift_norm", "resblock_updown",
+        "use_new_attention_order"],
     "ldm.modules.encoders.modules.FrozenCLIPEmbedder": ["version", "device", "max_length", "freeze", "layer",
                                                         "layer_idx"],
     "ldm.modules.losses.LPIPSWithDiscriminator": KL_LOSS_PARAMS,
@@ -137,7 +156,7 @@ def test_every_alias_accepts_all_parameter_names_of_the_original(path):
 
 def test_unsupported_original_targets_are_named_and_ours_still_import():
     for path in ("ldm.models.diffusion.ddpm.LatentInpaintDiffusion",
-                 "ldm.modules.encoders.modules.FrozenOpenCLIPEmbedder", "taming.models.vqgan.VQModel"):
+                 "ldm.modules.encoders.modules.FrozenT5Embedder", "taming.models.vqgan.VQModel"):
         with pytest.raises(ConfigError, match=rf"{path}.*not supported.*FrozenCLIPEmbedder"):
             get_obj_from_str(path)
     assert get_obj_from_str("ldm.modules.diffusionmodules.unet.UNetModel").__name__ == "UNetModel"

@@ -524,6 +524,14 @@ def test_tiny_config_trains_two_steps_through_main(path, tmp_path):
         first["params"]["ckpt_path"] = None
         torch.save({"state_dict": instantiate_from_config(first).state_dict()}, tmp_path / "first_stage.ckpt")
         overrides.append(f"model.params.first_stage_config.params.ckpt_path={tmp_path / 'first_stage.ckpt'}")
+    if config.model.target.endswith(".StableSR"):  # its base: a tiny base LDM checkpoint (random weights)
+        base = OmegaConf.load(REPO / "configs" / "diffusion" / "ldm_photos_base_tiny.yaml").model
+        base = OmegaConf.to_container(base)
+        base["params"]["first_stage_config"]["params"]["ckpt_path"] = None
+        base["params"]["allow_random_first_stage"] = True
+        sd = instantiate_from_config(base).state_dict() | {"scale_factor": torch.tensor(0.5)}
+        torch.save({"state_dict": sd}, tmp_path / "base.ckpt")
+        overrides.append(f"model.params.ckpt_path={tmp_path / 'base.ckpt'}")
     logs = tmp_path / "logs"
     assert main.main(["-b", str(path), "-t", "-l", str(logs), *overrides]) == 0
     [run] = [p for p in logs.iterdir() if p.is_dir()]

@@ -153,6 +153,20 @@ def test_super_resolution_model_upscales_the_image_four_times(runs, tmp_path):
     assert meta["images"][1]["condition"] == {"image": str(tmp_path / "lr.png")}
 
 
+def test_stablesr_model_upscales_the_lr_picture_from_its_noised_latent(runs, tmp_path):
+    run = runs("stablesr_photos_tiny.yaml", ckpt_path=None)
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (16, 24, 3), dtype=np.uint8)).save(tmp_path / "lr.png")
+    assert run_script("--run", run, "--image", tmp_path / "lr.png", "--n", 2, "--steps", 3, "--eta", 1,
+                      "--outdir", tmp_path / "out") == 0
+    files, meta = outputs(tmp_path / "out")
+    assert files == ["00000_lr.png", "00001_lr.png", "grid.png"]
+    assert Image.open(tmp_path / "out" / "00000_lr.png").size == (96, 64)
+    assert meta["images"][0]["condition"] == {"image": str(tmp_path / "lr.png")}
+    assert not np.array_equal(pixels(tmp_path / "out" / files[0]), pixels(tmp_path / "out" / files[1]))
+    Image.fromarray(np.zeros((10, 24, 3), np.uint8)).save(tmp_path / "odd.png")
+    assert run_script("--run", run, "--image", tmp_path / "odd.png", "--outdir", tmp_path / "x") == 2
+
+
 def test_inpainting_model_keeps_the_known_pixels_and_fills_the_mask(runs, tmp_path):
     run = runs("ldm_photos_inpaint_tiny.yaml")
     picture = np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)
@@ -288,7 +302,9 @@ def test_full_size_config_builds_and_takes_its_data_through_the_loss_on_meta(pat
     z = model.get_first_stage_encoding(model.get_image(batch))                        # (2, C, h, w) on meta
     assert z.shape == (2, model.channels, model.image_size, model.image_size)
     cond = {}
-    if model.cond_stage_model is not None:  # the conditioner with real weights on the real data, output to meta
+    if callable(getattr(model, "lr_condition", None)):  # StableSR: the LR latent (as_condition adds the empty prompt)
+        cond["c_lr"] = model.lr_latent(model.get_image(batch, model.lr_key), tuple(batch["image"].shape[-2:]))
+    elif model.cond_stage_model is not None:  # the conditioner with real weights on the real data, output to meta
         conditioner = instantiate_from_config(OmegaConf.to_container(config.model.params.cond_stage_config))
         with torch.no_grad():
             cond[model.cond_stage_keyword] = conditioner(batch[model.cond_stage_key]).to("meta")

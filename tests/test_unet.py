@@ -360,18 +360,20 @@ def test_use_checkpoint_gives_same_output_and_gradients(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------- SFT modulation
-def test_resblock_modulation_is_applied_after_the_out_norm():
+def test_resblock_modulation_acts_on_the_residual_branch_output_before_the_skip_add():
     torch.manual_seed(0)
     block = randomize_(ResBlock(32, 16, out_channels=64)).eval()
     x, emb = torch.randn(2, 32, 4, 4), torch.randn(2, 16)
     alpha, beta = torch.randn(2, 64, 4, 4), torch.randn(2, 64, 4, 4)
-    h = block.in_layers(x) + block.emb_layers(emb)[:, :, None, None]
-    h = (1 + alpha) * block.out_layers[0](h) + beta
-    expected = block.skip_connection(x) + block.out_layers[1:](h)
+    h = block.out_layers(block.in_layers(x) + block.emb_layers(emb)[:, :, None, None])
+    expected = block.skip_connection(x) + (1 + alpha) * h + beta
     torch.testing.assert_close(block(x, emb, (alpha, beta)), expected)
     torch.testing.assert_close(block(x, emb, lambda feats: (alpha, beta)), expected)
+    torch.testing.assert_close(block(x, emb, lambda feats: feats.tanh()), block.skip_connection(x) + h.tanh())
     with pytest.raises(TypeError, match="modulation must be an \\(alpha, beta\\) pair"):
-        apply_modulation(h, lambda feats: feats)
+        apply_modulation(h, lambda feats: (alpha, beta, beta))
+    with pytest.raises(ValueError, match="modulation returned features of shape \\(2, 64, 2, 2\\)"):
+        apply_modulation(h, lambda feats: feats[..., :2, :2])
 
 
 def test_unet_modulations_zero_is_identity_nonzero_changes_and_trains():

@@ -79,7 +79,7 @@ class DDPM(pl.LightningModule):
             self.register_buffer("logvar", logvar, persistent=False)
         self.use_ema, self.ema_decay, self._in_ema_scope = use_ema, ema_decay, False
         if use_ema:
-            self.model_ema = LitEma(self.model, decay=ema_decay)
+            self.model_ema = LitEma(self._ema_targets(), decay=ema_decay)
         if ckpt_path is not None:
             self.init_from_ckpt(ckpt_path, ignore_keys, load_only_unet)
 
@@ -134,7 +134,7 @@ class DDPM(pl.LightningModule):
                                f"{result.unexpected_keys[:10]} (ignore_keys skips prefixes; load_only_unet loads "
                                f"only model.diffusion_model.*)")
         if self.use_ema and not ema_in_file:
-            self.model_ema = LitEma(self.model, decay=self.ema_decay)
+            self.model_ema = LitEma(self._ema_targets(), decay=self.ema_decay)
         rank_zero_info(f"Restored {type(self).__name__} from {path}: {len(sd)} keys"
                        + (" (U-Net only)" if only_model else ""))
 
@@ -187,7 +187,7 @@ class DDPM(pl.LightningModule):
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.use_ema:
-            self.model_ema(self.model)
+            self.model_ema(self._ema_targets())
 
     @torch.no_grad()
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:
@@ -201,6 +201,10 @@ class DDPM(pl.LightningModule):
         logs = {f"val/{k}": v for k, v in logs.items()} | {f"val/{k}_ema": v for k, v in logs_ema.items()}
         self.log_dict(logs, on_step=False, on_epoch=True, sync_dist=True, batch_size=len(x0))
 
+    def _ema_targets(self) -> nn.Module:
+        """What the EMA tracks (its trainable parameters): the U-Net wrapper (keys `model_ema.diffusion_model*`)."""
+        return self.model
+
     @contextlib.contextmanager
     def ema_scope(self, enabled: bool = True):
         """Within the block the U-Net holds its EMA weights (no-op without use_ema; re-entrant)."""
@@ -209,7 +213,7 @@ class DDPM(pl.LightningModule):
             return
         self._in_ema_scope = True
         try:
-            with ema_scope(self.model_ema, self.model):
+            with ema_scope(self.model_ema, self._ema_targets()):
                 yield
         finally:
             self._in_ema_scope = False
@@ -293,7 +297,7 @@ class DDPM(pl.LightningModule):
         images); use_ema: sample with the EMA weights.
         """
         latents = self.sample_latents(cond, batch_size, sampler, steps, eta, guidance_scale, uncond, generator,
-                                      x_T, mask, x0, start_t, progress, use_ema=use_ema,
+                                      x_T, mask, x0, start_t, progress=progress, use_ema=use_ema,
                                       sigma_schedule=sigma_schedule, init=init, strength=strength)
         images = self.decode(latents).clamp(-1.0, 1.0)
         return (images, latents) if return_latents else images

@@ -43,8 +43,11 @@ class DiffusionWrapper(nn.Module):
         self.diffusion_model = instantiate_from_config(diff_model_config, where="model.params.unet_config")
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c_concat: Condition = None, c_crossattn: Condition = None,
-                c_adm: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, C, H, W), t (B,) -> raw model output (B, C_out, H, W)."""
+                c_adm: torch.Tensor | None = None,
+                struct_cond: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """x (B, C, H, W), t (B,) -> raw model output (B, C_out, H, W).
+
+        struct_cond: StableSR's encoder features for an SFT U-Net (ldm.modules.stablesr), passed through as given."""
         given = {"c_concat": c_concat, "c_crossattn": c_crossattn, "c_adm": c_adm}
         self._check(given)
         c_concat, c_crossattn = _joined(c_concat, dim=1), _joined(c_crossattn, dim=1)
@@ -53,6 +56,8 @@ class DiffusionWrapper(nn.Module):
         y = c_adm
         if y is not None and y.ndim == 3 and y.shape[1] == 1:
             y = y[:, 0]                                                      # (B, D)
+        if struct_cond is not None:
+            return self.diffusion_model(x, t, context=c_crossattn, y=y, struct_cond=struct_cond)
         return self.diffusion_model(x, t, context=c_crossattn, y=y)
 
     def _check(self, given: Mapping[str, Condition]) -> None:

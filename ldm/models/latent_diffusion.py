@@ -22,7 +22,7 @@ from ldm.models.ddpm import DDPM, Condition
 from ldm.models.diffusion_wrapper import REQUIRED, check_conditioning_key
 from ldm.models.first_stage_cache import FirstStageCache
 from ldm.modules.distributions import DiagonalGaussianDistribution
-from ldm.util import ConfigError, instantiate_from_config
+from ldm.util import ConfigError, instantiate_from_config, with_params_when_restored
 
 UNCONDITIONAL, FIRST_STAGE = "__is_unconditional__", "__is_first_stage__"
 UNSET = (None, "", "???")
@@ -36,7 +36,9 @@ class LatentDiffusion(DDPM):
 
     Ours beyond CompVis/SD: `cond_drop_prob` (conditioning dropout for classifier-free guidance: one number or
     {concat|crossattn|adm: p}); `masked_image_key`/`mask_key` (inpainting condition); `allow_random_first_stage`
-    (build without first-stage weights, for tests); `ema_decay`, `lr_warmup_steps`, `weight_decay`;
+    (build without first-stage weights, and without the pretrained weights of a conditioner whose class has
+    `params_when_restored` (OpenCLIP), for tests and when a checkpoint brings them, as with `ckpt_path`);
+    `ema_decay`, `lr_warmup_steps`, `weight_decay`;
     `first_stage_cache_size` (keep the frozen encoder's output for this many images, `FirstStageCache`: each
     epoch after the first skips the encoder; 0, the default, encodes every batch).
     """
@@ -99,7 +101,8 @@ class LatentDiffusion(DDPM):
         self.first_stage_cache = FirstStageCache(first_stage_cache_size)
         self.register_load_state_dict_post_hook(lambda module, _: module.first_stage_cache.clear())
         self.cond_stage_trainable, self.cond_stage_forward = cond_stage_trainable, cond_stage_forward
-        self.cond_stage_model = self._build_cond_stage(cond_stage_config) if has_cond_stage else None
+        restored = allow_random_first_stage or bool(ckpt_path)
+        self.cond_stage_model = self._build_cond_stage(cond_stage_config, restored) if has_cond_stage else None
         self.cond_stage_keyword = COND_STAGE_KEYWORD[conditioning_key] if has_cond_stage else None
         self.conditioner_outputs = tuple(getattr(self.cond_stage_model, "condition_keys", ()))  # a dict's keys
         if conditioning_key == "hybrid" and masked_image_key is None and "c_concat" not in self.conditioner_outputs:
@@ -112,7 +115,7 @@ class LatentDiffusion(DDPM):
             self.init_from_ckpt(ckpt_path, ignore_keys, load_only_unet)
 
     # ---- construction -------------------------------------------------------------------------------------------
-    def _build_cond_stage(self, config: Mapping | str) -> nn.Module:
+    def _build_cond_stage(self, config: Mapping | str, restored: bool = False) -> nn.Module:
         if config == FIRST_STAGE:
             if self.cond_stage_trainable:
                 raise ConfigError("model.params.cond_stage_trainable=true with __is_first_stage__: the first stage "
@@ -121,6 +124,8 @@ class LatentDiffusion(DDPM):
         if isinstance(config, str):
             raise ConfigError(f"model.params.cond_stage_config={config!r}: expected a {{target, params}} mapping, "
                               f"{UNCONDITIONAL!r} or {FIRST_STAGE!r}")
+        if restored:
+            config = with_params_when_restored(config)
         model = instantiate_from_config(config, where="model.params.cond_stage_config")
         if self.cond_stage_forward is not None and not callable(getattr(model, self.cond_stage_forward, None)):
             raise ConfigError(f"model.params.cond_stage_forward={self.cond_stage_forward!r}: "

@@ -90,9 +90,10 @@ def ema_scope(ema: LitEma | None, model: nn.Module, enabled: bool = True) -> Ite
     if ema is None or not enabled:
         yield
         return
-    ema.store(model.parameters())
+    tracked = [p for name, p in model.named_parameters() if name in ema.m_name2s_name]  # frozen ones never change
+    ema.store(tracked)
     ema.copy_to(model)
     try:
         yield
     finally:
-        ema.restore(model.parameters())
+        ema.restore(tracked)

@@ -1,5 +1,5 @@
 """The U-Net's time-conditioned residual block, with an optional SFT modulation hook (StableSR)."""
-from typing import Callable, Union
+from typing import Any, Callable, Union
 
 import torch
 import torch.nn as nn
@@ -7,18 +7,25 @@ import torch.nn as nn
 from ldm.modules.diffusionmodules.layers import (NUM_GROUPS, Downsample, Upsample, checkpoint, normalization,
                                                  zero_module)
 
-# SFT modulation of one ResBlock: a pair (alpha, beta) broadcastable to its features h (B, C, H, W),
-# or a callable h -> (alpha, beta). Applied as h <- (1 + alpha) * h + beta right after `out_layers.0` (the norm).
-Modulation = Union[tuple[torch.Tensor, torch.Tensor], Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]]
+# SFT modulation of one ResBlock, applied to its residual branch's output h (after `out_layers`, i.e. after the
+# second conv, before the skip add; where StableSR's released code modulates): a pair (alpha, beta) broadcastable to
+# h (B, C, H, W), applied as h <- (1 + alpha) * h + beta; or a callable h -> (alpha, beta) (the same), or h -> h'
+# (any transform of h, e.g. SPADE's GroupNorm(h) * (1 + gamma) + beta).
+Modulation = Union[tuple[torch.Tensor, torch.Tensor], Callable[[torch.Tensor], Any]]
 
 
 def apply_modulation(h: torch.Tensor, modulation: Modulation) -> torch.Tensor:
-    """Spatial feature transform F^ = (1 + alpha) * F + beta (StableSR, eq. for SFT)."""
-    pair = modulation(h) if callable(modulation) else modulation
-    if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-        raise TypeError(f"ResBlock modulation must be an (alpha, beta) pair or a callable returning one, "
-                        f"got {type(pair).__name__}")
-    alpha, beta = pair
+    """Spatial feature transform F^ = (1 + alpha) * F + beta (StableSR), or the callable's transformed F."""
+    out = modulation(h) if callable(modulation) else modulation
+    if isinstance(out, torch.Tensor) and callable(modulation):
+        if out.shape != h.shape:
+            raise ValueError(f"ResBlock modulation returned features of shape {tuple(out.shape)}, "
+                             f"expected {tuple(h.shape)}")
+        return out                                                      # (B, C, H, W)
+    if not isinstance(out, (tuple, list)) or len(out) != 2:
+        raise TypeError(f"ResBlock modulation must be an (alpha, beta) pair or a callable returning one (or the "
+                        f"modulated features), got {type(out).__name__}")
+    alpha, beta = out
     return h * (1 + alpha) + beta                                       # (B, C, H, W)
 
 
@@ -28,6 +35,7 @@ class ResBlock(nn.Module):
     Keys: `in_layers.{0 norm, 2 conv}`, `emb_layers.1`, `out_layers.{0 norm, 3 conv}`, `skip_connection`
     (Identity when channels are unchanged, else a 1x1 conv, or 3x3 with `use_conv`). `up`/`down` resample
     inside the block (resblock_updown). `use_scale_shift_norm` turns the embedding into a FiLM (scale, shift).
+    `modulation` (forward): SFT on the residual branch's output, before the skip add (see `Modulation`).
     """
 
     def __init__(self, channels: int, emb_channels: int, dropout: float = 0.0, out_channels: int | None = None,
@@ -75,9 +83,9 @@ class ResBlock(nn.Module):
         norm, rest = self.out_layers[0], self.out_layers[1:]
         if self.use_scale_shift_norm:
             scale, shift = emb_out.chunk(2, dim=1)                      # (B, C_out, 1, 1) each
-            h = norm(h) * (1 + scale) + shift                           # (B, C_out, H', W')
+            h = rest(norm(h) * (1 + scale) + shift)                     # (B, C_out, H', W')
         else:
-            h = norm(h + emb_out)                                       # (B, C_out, H', W')
+            h = rest(norm(h + emb_out))                                 # (B, C_out, H', W')
         if modulation is not None:
             h = apply_modulation(h, modulation)                         # (B, C_out, H', W')
-        return self.skip_connection(x) + rest(h)                        # (B, C_out, H', W')
+        return self.skip_connection(x) + h                              # (B, C_out, H', W')

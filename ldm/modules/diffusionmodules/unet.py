@@ -217,7 +217,8 @@ class UNetModel(nn.Module):
         context: (B, L, context_dim), or a list of such tensors joined along L (CompVis passes lists).
         y: class labels (B,) when num_classes is an int; adm vectors (B, adm_in_channels) for 'sequential'.
         modulations: optional SFT per ResBlock, {name in `resblock_names` (e.g. 'input_blocks.1.0',
-        'middle_block.2'): (alpha, beta) or callable h -> (alpha, beta)}; see resblock.apply_modulation.
+        'middle_block.2'): (alpha, beta), or a callable h -> (alpha, beta) or h -> h'}, applied to the block's
+        residual branch output h; see resblock.apply_modulation.
         """
         timesteps, context = self._check_inputs(x, timesteps, context, y)
         grouped = self._group_modulations(modulations)
