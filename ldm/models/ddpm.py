@@ -20,6 +20,7 @@ from ldm.diffusion import (BUFFER_NAMES, PARAMETERIZATIONS, CFGDenoiser, Diffusi
                            target_for, training_loss)
 from ldm.diffusion.losses import LOSS_TYPES, min_snr_weights
 from ldm.models.diffusion_wrapper import DiffusionWrapper
+from ldm.models.sharding import shard_diffusion_model
 from ldm.modules.ema import LitEma, ema_scope
 from ldm.util import ConfigError, get_obj_from_str, instantiate_from_config
 
@@ -184,6 +185,15 @@ class DDPM(pl.LightningModule):
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=True, on_step=True, on_epoch=False,
                       batch_size=len(x0))
         return loss
+
+    def configure_model(self) -> None:
+        """Under --strategy fsdp (Lightning's ModelParallelStrategy gives a device mesh) shard the U-Net and EMA."""
+        if self.device_mesh is not None:
+            self.shard(self.device_mesh["data_parallel"])
+
+    def shard(self, mesh) -> None:
+        """FSDP2 over `mesh` (ldm.models.sharding)."""
+        shard_diffusion_model(self, mesh)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.use_ema:
