@@ -124,9 +124,9 @@ class ImageLogger(Callback):
             return
         modes = {module: module.training for module in pl_module.modules()}
         pl_module.eval()
-        device = pl_module.device
+        cuda = [p.device for p in pl_module.parameters() if p.device.type == "cuda"][:1]
         try:  # own random state: training draws the same noise on every rank, logging or not
-            with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            with torch.no_grad(), torch.random.fork_rng(devices=cuda):
                 images = pl_module.log_images(batch, split=split, **self.log_images_kwargs)
         finally:
             for module, mode in modes.items():
