@@ -123,9 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Flags -> Namespace with `.overrides` (the trailing key=value words). Unknown flags are errors."""
     parser = build_parser()
-    flags = [a for a in argv if not is_override(a)]
+    # `--slurm partition=gpu,...` looks like an override: the word after --slurm is its value
+    values = {i + 1 for i, a in enumerate(argv) if a == "--slurm"}
+    flags = [a for i, a in enumerate(argv) if i in values or not is_override(a)]
     opt = parser.parse_args(flags)
-    opt.overrides = [a for a in argv if is_override(a)]
+    opt.overrides = [a for i, a in enumerate(argv) if i not in values and is_override(a)]
     if opt.name and opt.resume:
         parser.error("-n/--name cannot be combined with -r/--resume (a resumed run keeps its logdir name); "
                      "use -r alone, or -n with --base for a new run")

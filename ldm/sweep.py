@@ -154,17 +154,20 @@ def launch(opt: Any, argv: Sequence[str], now: str, main_dir: str) -> int:
     name = opt.name or spec.get("name") or os.path.splitext(os.path.basename(opt.sweep))[0]
     sweep_dir = os.path.join(opt.logdir, opt.project, "debug_runs" if opt.debug else "", name)
     runs = expand(spec)
-    state = _state(sweep_dir, now, opt.sweep, argv, spec, runs)
-    jobs, skipped = [], []
+    state = cluster.read_status(os.path.join(sweep_dir, STATE_FILE)) or {"timestamp": now}  # first launch's
+    planned = []
     for run in runs:
         child = cli.child_argv(argv, "-l", sweep_dir, "-p", "", "-d", "false", "-n", run.name, *run.argv())
-        logdir = cli.run_paths(cli.parse_args(child), state["timestamp"]).logdir
+        planned.append((run, child, cli.run_paths(cli.parse_args(child), state["timestamp"]).logdir))
+    _save_state(sweep_dir, state, opt.sweep, argv, spec, planned)
+    jobs, skipped = [], []
+    for run, child, logdir in planned:
         status_file = os.path.join(logdir, RUN_STATUS)
         if cluster.read_status(status_file).get("status") == "finished":
             skipped.append(run.name)
             continue
-        cluster.write_status(status_file, "queued", index=run.index, name=run.name, logdir=logdir,
-                             overrides=run.overrides, seed=run.seed, argv=child)
+        cluster.write_status(status_file, "queued", index=run.index, name=run.name, overrides=run.overrides,
+                             seed=run.seed, argv=child)
         jobs.append(cluster.MainJob(child, state["timestamp"], main_dir, status_file, os.getcwd()))
     print(f"sweep {sweep_dir}: {len(runs)} runs, {len(skipped)} finished before (skipped), {len(jobs)} to run")
     if not jobs:
@@ -175,16 +178,17 @@ def launch(opt: Any, argv: Sequence[str], now: str, main_dir: str) -> int:
     return _run_locally(jobs, opt.jobs or 1, folder, name)
 
 
-def _state(sweep_dir: str, now: str, path: str, argv: Sequence[str], spec: dict, runs: list[SweepRun]) -> dict:
-    """sweep.json: kept from the first launch (its timestamp names every run), with the runs of this launch."""
-    file = os.path.join(sweep_dir, STATE_FILE)
-    state = cluster.read_status(file) or {"timestamp": now}
+def _save_state(sweep_dir: str, state: dict, path: str, argv: Sequence[str], spec: dict, planned: list) -> None:
+    """sweep.json: the timestamp of the first launch (it names every run), the command, and each run's folder
+    (relative to the sweep folder), overrides and seed."""
     state.update(sweep_file=os.path.abspath(path), command=list(argv), spec=spec,
-                 runs=[{"index": r.index, "name": r.name, "overrides": r.overrides, "seed": r.seed} for r in runs])
+                 runs=[{"index": run.index, "name": run.name, "dir": os.path.relpath(logdir, sweep_dir),
+                        "overrides": run.overrides, "seed": run.seed} for run, _, logdir in planned])
     os.makedirs(sweep_dir, exist_ok=True)
-    with open(file, "w") as f:
+    tmp = os.path.join(sweep_dir, f"{STATE_FILE}.tmp")
+    with open(tmp, "w") as f:
         json.dump(state, f, indent=1)
-    return state
+    os.replace(tmp, os.path.join(sweep_dir, STATE_FILE))
 
 
 def _submit_array(jobs: list, spec: dict, folder: str, name: str) -> int:
