@@ -253,7 +253,7 @@ def test_two_torchrun_nodes_share_one_logdir_and_end_with_identical_weights(torc
         assert torch.equal(rank0[key], rank1[key]), key
     last = load(logdir / "checkpoints" / "last.ckpt")
     assert last["global_step"] == 4
-    assert last["optimizer_states"][0]["param_groups"][0]["initial_lr"] == pytest.approx(1 * 1 * 2 * 2 * 1e-4)
+    assert last["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(1 * 1 * 2 * 2 * 1e-4)
     assert all(torch.equal(last["state_dict"][k], rank0[k]) for k in rank0)
     assert sorted(os.listdir(logdir / "images" / "val")) and len(list((logdir / "configs").glob("*.yaml"))) == 2
 

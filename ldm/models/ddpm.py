@@ -195,7 +195,13 @@ class DDPM(pl.LightningModule):
         """FSDP2 over `mesh` (ldm.models.sharding)."""
         shard_diffusion_model(self, mesh)
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """The optimizer step, then the EMA update: checkpoints written at the end of the batch (the pre-emption
+        save, ModelCheckpoint's every_n_train_steps) hold the EMA of the same step."""
+        super().optimizer_step(*args, **kwargs)
+        self.update_ema()
+
+    def update_ema(self) -> None:
         if self.use_ema:
             self.model_ema(self.model)
 
