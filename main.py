@@ -7,7 +7,13 @@ A run writes `<logdir>/<now>_<name><postfix>/` (under `<logdir>/<project>/` with
 `<logdir>/debug_runs/` with -d): `configs/` (merged project and lightning configs), `checkpoints/`,
 `images/{train,val}/` and the logger's files. DDP workers that Lightning starts re-run this script
 and inherit the launching process's timestamp ($LDM_RUN_TIMESTAMP), so every rank names the same
-logdir; only global rank 0 writes to it. Config mistakes exit with status 2 and one message.
+logdir; only global rank 0 writes to it (torchrun ranks agree on one timestamp, submitit jobs carry
+theirs). Config mistakes exit with status 2 and one message.
+
+    python main.py -b cfg.yaml -t --slurm partition=gpu,nodes=2,gpus_per_node=8,time=24:00:00   # submit
+    python main.py -b cfg.yaml -t --sweep sweep.yaml [--jobs 2 | --slurm ...]                  # many runs
+    python main.py -b cfg.yaml -t --devices 8 --strategy fsdp                                   # sharded U-Net
+(docs/cluster.md).
 """
 import argparse
 import importlib.util
