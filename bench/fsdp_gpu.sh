@@ -1,6 +1,6 @@
 #!/bin/bash
 # --strategy fsdp on one GPU (NCCL, CUDA DTensors), beside DDP: the CPU tests (tests/test_cluster.py, gloo) cover
-# two sharding processes; this checks the CUDA path. A ~90M-parameter U-Net (tests/configs/tiny_ldm.yaml widened:
+# two sharding processes; this checks the CUDA path. A 144M-parameter U-Net (tests/configs/tiny_ldm.yaml widened:
 # 192 channels, [1, 2, 4], 2 ResBlocks, attention at 16x16 and 8x8, activation checkpointing) on 64x64 toy images.
 #   1. DDP and FSDP, 40 steps each from the same seed: max |difference| over every weight and EMA buffer,
 #      seconds per 20 steps and peak GPU memory (both single-process: FSDP's memory gain needs several GPUs)
