@@ -7,7 +7,13 @@ A run writes `<logdir>/<now>_<name><postfix>/` (under `<logdir>/<project>/` with
 `<logdir>/debug_runs/` with -d): `configs/` (merged project and lightning configs), `checkpoints/`,
 `images/{train,val}/` and the logger's files. DDP workers that Lightning starts re-run this script
 and inherit the launching process's timestamp ($LDM_RUN_TIMESTAMP), so every rank names the same
-logdir; only global rank 0 writes to it. Config mistakes exit with status 2 and one message.
+logdir; only global rank 0 writes to it (torchrun ranks agree on one timestamp, submitit jobs carry
+theirs). Config mistakes exit with status 2 and one message.
+
+    python main.py -b cfg.yaml -t --slurm partition=gpu,nodes=2,gpus_per_node=8,time=24:00:00   # submit
+    python main.py -b cfg.yaml -t --sweep sweep.yaml [--jobs 2 | --slurm ...]                  # many runs
+    python main.py -b cfg.yaml -t --devices 8 --strategy fsdp                                   # sharded U-Net
+(docs/cluster.md).
 """
 import argparse
 import importlib.util
@@ -16,26 +22,37 @@ import sys
 from typing import Sequence
 
 import pytorch_lightning as pl
+from lightning_fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
 from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_info
 
-from ldm import cli
+from ldm import cli, cluster, sweep
 from ldm.checkpoint import UnsafeCheckpointError, unsafe_pickle_allowed
 # CompVis configs name `main.ImageLogger`, `main.DataModuleFromConfig`, ...: keep those targets valid.
 from ldm.callbacks import AtomicCheckpointIO, ImageLogger, LastCheckpoint, SetupCallback  # noqa: F401
 from ldm.data.datamodule import DataModuleFromConfig  # noqa: F401
+from ldm.models import sharding
 from ldm.util import ConfigError, instantiate_from_config
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    opt = cli.parse_args(sys.argv[1:] if argv is None else list(argv))
+MAIN_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def main(argv: Sequence[str] | None = None, preempt_signal: int | None = None) -> int:
+    """Exit status: 0, 2 (bad config or flags), cluster.EXIT_PREEMPTED (stopped by `preempt_signal` after saving)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    opt = cli.parse_args(argv)
     with cli.shared_timestamp() as now:
         files = opt.base
         try:
+            if opt.sweep:
+                return sweep.launch(opt, argv, now, MAIN_DIR)
             paths = cli.run_paths(opt, now)
             files = paths.base
+            if opt.slurm:
+                return cluster.submit(opt.slurm, cli.child_argv(argv), paths.logdir, now, MAIN_DIR)
             with unsafe_pickle_allowed(opt.unsafe_pickle):
-                run(opt, paths)
+                return run(opt, paths, preempt_signal)
         except UnsafeCheckpointError as err:
             print(f"main.py: error: {err}", file=sys.stderr)
             return 2
@@ -43,40 +60,52 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"main.py: config error: {err}\n  config files: {', '.join(files) or 'none'}"
                   f"; overrides: {' '.join(opt.overrides) or 'none'}", file=sys.stderr)
             return 2
-    return 0
 
 
-def run(opt: argparse.Namespace, paths: cli.RunPaths) -> None:
+def run(opt: argparse.Namespace, paths: cli.RunPaths, preempt_signal: int | None = None) -> int:
     """Load the configs, build model, data and trainer, then fit and/or test."""
     config = cli.load_config(paths.base, opt.overrides)
     lightning_config = config.pop("lightning", None) or OmegaConf.create()
-    lightning_config.trainer = cli.trainer_config(lightning_config, opt)
+    launch = cluster.trainer_defaults(os.environ, TorchElasticEnvironment.detect(), SLURMEnvironment.detect())
+    lightning_config.trainer = cli.trainer_config(lightning_config, opt, launch)
     test = cli.has_test_data(config) and not opt.no_test
     if not opt.train and not test:
         raise ConfigError("nothing to run: pass -t/--train, or give the data config a 'test' section")
     pl.seed_everything(opt.seed, workers=True)
     model = instantiate_from_config(config.model, where="model")
     data = instantiate_from_config(config.data, where="data")
-    trainer = make_trainer(config, lightning_config, paths, model)
+    trainer = make_trainer(config, lightning_config, paths, model, preempt_signal)
     if opt.train:
+        if paths.resume_ckpt and not opt.resume:
+            rank_zero_info(f"{paths.logdir} exists: continuing from {paths.resume_ckpt}")
         model.learning_rate = learning_rate(config, trainer, opt.scale_lr)
         trainer.fit(model, data, ckpt_path=paths.resume_ckpt, weights_only=not opt.unsafe_pickle)
+        if any(getattr(cb, "stopped_by_signal", False) for cb in trainer.callbacks):
+            return cluster.EXIT_PREEMPTED
     if test and not trainer.interrupted:
         trainer.test(model, data, ckpt_path=None if opt.train else paths.resume_ckpt,
                      weights_only=not opt.unsafe_pickle)
+    return 0
 
 
 def make_trainer(config: DictConfig, lightning_config: DictConfig, paths: cli.RunPaths,
-                 model: pl.LightningModule) -> pl.Trainer:
-    """Trainer from `lightning.trainer` plus the run's logger, callbacks and atomic checkpoint IO."""
+                 model: pl.LightningModule, preempt_signal: int | None = None) -> pl.Trainer:
+    """Trainer from `lightning.trainer` plus the run's logger, callbacks and atomic checkpoint IO.
+
+    `preempt_signal` (a submitit job's): last.ckpt is saved at the end of the batch it arrives in and training
+    stops; Lightning's own SLURM requeue (a save inside the signal handler, mid-step) stays off.
+    """
     kwargs = OmegaConf.to_container(lightning_config.trainer, resolve=True)
     cli.check_trainer_kwargs(kwargs, pl.Trainer)
+    if kwargs.get("strategy") == "fsdp":
+        kwargs["strategy"] = sharding.fully_sharded_strategy(model)
     tensorboard = importlib.util.find_spec("tensorboard") is not None
     logger = cli.logger_config(paths.logdir, lightning_config.get("logger"), tensorboard)
     callbacks = [SetupCallback(paths.now, paths.logdir, paths.ckptdir, paths.cfgdir,
                                OmegaConf.to_container(config, resolve=True),
                                OmegaConf.to_container(lightning_config, resolve=True)),
-                 LastCheckpoint(os.path.join(paths.ckptdir, "last.ckpt"), kwargs.get("enable_checkpointing", True))]
+                 LastCheckpoint(os.path.join(paths.ckptdir, "last.ckpt"), kwargs.get("enable_checkpointing", True),
+                                **({"signum": preempt_signal, "stop_on_signal": True} if preempt_signal else {}))]
     named = cli.merge_named(cli.DEFAULT_CALLBACKS, lightning_config.get("callbacks"))
     callbacks += [instantiate_from_config(cfg, where=f"lightning.callbacks.{name}") for name, cfg in named.items()]
     if kwargs.get("enable_checkpointing", True):
@@ -84,11 +113,14 @@ def make_trainer(config: DictConfig, lightning_config: DictConfig, paths: cli.Ru
                                            lightning_config.get("modelcheckpoint"))
         callbacks.append(instantiate_from_config(checkpoint, where="lightning.modelcheckpoint"))
     plugins = kwargs.get("plugins") or []
+    plugins = [AtomicCheckpointIO(), *(plugins if isinstance(plugins, list) else [plugins])]
+    if preempt_signal and SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     return pl.Trainer(**{**kwargs,
                          "default_root_dir": paths.logdir,
                          "logger": instantiate_from_config(logger, where="lightning.logger"),
                          "callbacks": callbacks,
-                         "plugins": [AtomicCheckpointIO(), *(plugins if isinstance(plugins, list) else [plugins])]})
+                         "plugins": plugins})
 
 
 def learning_rate(config: DictConfig, trainer: pl.Trainer, scale: bool) -> float:

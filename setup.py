@@ -23,6 +23,7 @@ setup(
         "torch-fidelity>=0.3",
         "matplotlib>=3.7",
         "kornia>=0.7",
+        "submitit>=1.5",
     ],
     extras_require={"test": ["pytest>=8", "pytest-timeout", "diffusers==0.42.1"]},  # diffusers: conversion tests
 )

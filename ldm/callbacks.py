@@ -18,6 +18,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from torchvision.utils import make_grid
 
 from ldm.checkpoint import save_checkpoint_atomic
+from ldm.models.sharding import is_sharded
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -75,7 +76,7 @@ class ImageLogger(Callback):
     Validation: the first batch of each validation run. Files: `<trainer.default_root_dir>/images/
     {train,val}/<key>_gs-XXXXXX_e-XXXXXX_b-XXXXXX.png`. Values are expected in [-1, 1]: `clamp`
     clips to it, otherwise each grid is min-max rescaled (for latents, noise). Non-tensor entries
-    (captions) and tensors that are not [N, 1|3, H, W] are skipped. Global rank 0 only.
+    (captions) and tensors that are not [N, 1|3, H, W] are skipped. Global rank 0 writes.
     """
 
     def __init__(self,
@@ -113,17 +114,25 @@ class ImageLogger(Callback):
 
     def log_images(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
                    split: str) -> None:
-        """Run `log_images` in eval mode without gradients and write one grid per image key."""
-        if self.disabled or not trainer.is_global_zero or not callable(getattr(pl_module, "log_images", None)):
+        """Run `log_images` in eval mode, without gradients, with a forked random state; write one grid per key.
+
+        A sharded model (--strategy fsdp) samples on every rank (each forward needs all shards); rank 0 writes.
+        """
+        if self.disabled or not callable(getattr(pl_module, "log_images", None)):
+            return
+        if not trainer.is_global_zero and not is_sharded(pl_module):
             return
         modes = {module: module.training for module in pl_module.modules()}
         pl_module.eval()
-        try:
-            with torch.no_grad():
+        cuda = [p.device for p in pl_module.parameters() if p.device.type == "cuda"][:1]
+        try:  # own random state: training draws the same noise on every rank, logging or not
+            with torch.no_grad(), torch.random.fork_rng(devices=cuda):
                 images = pl_module.log_images(batch, split=split, **self.log_images_kwargs)
         finally:
             for module, mode in modes.items():
                 module.training = mode
+        if not trainer.is_global_zero:
+            return
         folder = os.path.join(trainer.default_root_dir, "images", split)
         os.makedirs(folder, exist_ok=True)
         step = trainer.global_step
@@ -191,12 +200,16 @@ class LastCheckpoint(Callback):
     the platform has SIGUSR1 (not Windows), at the end of the batch during which SIGUSR1 arrived
     (SLURM's pre-emption warning). A SIGUSR1 handler already installed (Lightning's SLURM
     auto-requeue) still runs: ours calls it too. Under DDP a signal reaching one rank saves for all.
+
+    `stop_on_signal` (a submitit job, `signum` its pre-emption signal): after that save every rank stops
+    training (`stopped_by_signal`); the handler installed before fit (submitit's requeue) is left to the
+    caller, which runs it once training has stopped.
     """
 
     def __init__(self, ckpt_path: str, periodic: bool = True,
-                 signum: Optional[int] = getattr(signal, "SIGUSR1", None)):
-        self.ckpt_path, self.periodic, self.signum = ckpt_path, periodic, signum
-        self.requested, self._saved_step = False, -1
+                 signum: Optional[int] = getattr(signal, "SIGUSR1", None), stop_on_signal: bool = False):
+        self.ckpt_path, self.periodic, self.signum, self.stop_on_signal = ckpt_path, periodic, signum, stop_on_signal
+        self.requested, self.stopped_by_signal, self._saved_step = False, False, -1
         self._previous, self._installed = None, False
 
     def save(self, trainer: pl.Trainer, reason: str) -> None:
@@ -214,7 +227,7 @@ class LastCheckpoint(Callback):
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
-        if callable(self._previous):
+        if callable(self._previous) and not self.stop_on_signal:
             self._previous(signum, frame)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
@@ -225,6 +238,9 @@ class LastCheckpoint(Callback):
         if requested:
             self.requested = False
             self.save(trainer, f"signal {self.signum}")
+            if self.stop_on_signal:
+                rank_zero_info(f"Stopping training at step {trainer.global_step} (signal {self.signum})")
+                self.stopped_by_signal = trainer.should_stop = True
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.periodic:

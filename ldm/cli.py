@@ -17,11 +17,10 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ldm import cluster
+from ldm.cluster import TIMESTAMP_ENV  # noqa: F401 - the run's timestamp, shared with DDP workers and SLURM jobs
 from ldm.util import ConfigError, get_obj_from_str
 
-# The launching process chooses the run's timestamp once and exports it here; DDP workers that
-# Lightning starts by re-running `main.py` inherit it, so every rank names the same logdir.
-TIMESTAMP_ENV = "LDM_RUN_TIMESTAMP"
 TIMESTAMP_FORMAT = "%Y-%m-%dT%H-%M-%S"
 
 # A trailing `key.path=value` word (a dotted identifier path, optionally indexed, then "=").
@@ -29,6 +28,11 @@ _OVERRIDE = re.compile(r"^[A-Za-z_][\w\-]*(\[\d+\])?(\.[\w\-]+(\[\d+\])?)*=")
 
 # Trainer flags main.py accepts; each overrides `lightning.trainer.<flag>` of the configs.
 TRAINER_FLAGS = ("accelerator", "devices", "num_nodes", "strategy", "precision", "max_steps", "max_epochs")
+
+
+def is_override(word: str) -> bool:
+    """Whether a command-line word is a trailing `key.path=value` override."""
+    return bool(_OVERRIDE.match(word))
 
 
 def str2bool(value: str | bool) -> bool:
@@ -104,21 +108,57 @@ def build_parser() -> argparse.ArgumentParser:
     trainer.add_argument("--precision", help="32-true, 16-mixed, bf16-mixed, ...")
     trainer.add_argument("--max_steps", type=int)
     trainer.add_argument("--max_epochs", type=int)
+    launch = p.add_argument_group("launch", "submit to SLURM, or run a sweep of runs (docs/cluster.md)")
+    launch.add_argument("--slurm", metavar="KEY=VALUE,...",
+                        help="submit through submitit instead of training here: partition=...,nodes=2,"
+                             "gpus_per_node=8,time=4:00:00[,signal_delay_s=120,cpus_per_task=..,mem_gb=..,account=..,"
+                             "qos=..,constraint=..,array_parallelism=..,cluster=local]")
+    launch.add_argument("--sweep", metavar="sweep.yaml",
+                        help="run every point of the sweep (grid, list, zip or random over dotlist keys and seeds), "
+                             "each in its own logdir; finished runs are skipped on a re-run, failed ones retried")
+    launch.add_argument("--jobs", type=int, help="with --sweep: runs at once as local processes (default 1)")
     return p
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     """Flags -> Namespace with `.overrides` (the trailing key=value words). Unknown flags are errors."""
     parser = build_parser()
-    flags = [a for a in argv if not _OVERRIDE.match(a)]
+    # `--slurm partition=gpu,...` looks like an override: the word after --slurm is its value
+    values = {i + 1 for i, a in enumerate(argv) if a == "--slurm"}
+    flags = [a for i, a in enumerate(argv) if i in values or not is_override(a)]
     opt = parser.parse_args(flags)
-    opt.overrides = [a for a in argv if _OVERRIDE.match(a)]
+    opt.overrides = [a for i, a in enumerate(argv) if i not in values and is_override(a)]
     if opt.name and opt.resume:
         parser.error("-n/--name cannot be combined with -r/--resume (a resumed run keeps its logdir name); "
                      "use -r alone, or -n with --base for a new run")
     if opt.gpus is not None and (opt.devices is not None or opt.accelerator is not None):
         parser.error("--gpus sets accelerator and devices; do not combine it with --devices/--accelerator")
+    if opt.sweep and opt.resume:
+        parser.error("--sweep starts new runs; a re-run of the same sweep command continues it (no -r)")
+    if opt.jobs is not None and (not opt.sweep or opt.slurm or opt.jobs < 1):
+        parser.error("--jobs N (N >= 1) is for --sweep on this machine; with --slurm use array_parallelism=N")
     return opt
+
+
+LAUNCH_FLAGS = ("--slurm", "--sweep", "--jobs")
+
+
+def child_argv(argv: Sequence[str], *extra: str) -> list[str]:
+    """`argv` without --slurm/--sweep/--jobs (and their values), then `extra` (later flags win in argparse)."""
+    out, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word in LAUNCH_FLAGS:
+            skip = True
+        elif not word.startswith(tuple(f"{flag}=" for flag in LAUNCH_FLAGS)):
+            out.append(word)
+    out += extra
+    opt = parse_args(out)
+    if opt.slurm or opt.sweep or opt.jobs:
+        raise ConfigError(f"write {', '.join(LAUNCH_FLAGS)} in full (not abbreviated) so they can be left out of "
+                          f"the runs they launch")
+    return out
 
 
 @dataclasses.dataclass
@@ -140,9 +180,11 @@ class RunPaths:
 
 @contextlib.contextmanager
 def shared_timestamp() -> Iterator[str]:
-    """The run's timestamp: inherited from the launching process, else now, exported while the run lasts."""
+    """The run's timestamp, exported while the run lasts: inherited from the launching process (Lightning's DDP
+    workers, a submitit job), else agreed by the ranks of a torchrun job, else now."""
     inherited = os.environ.get(TIMESTAMP_ENV)
-    os.environ[TIMESTAMP_ENV] = inherited or datetime.datetime.now().strftime(TIMESTAMP_FORMAT)
+    now = datetime.datetime.now().strftime(TIMESTAMP_FORMAT)
+    os.environ[TIMESTAMP_ENV] = inherited or cluster.shared_value("run_timestamp", now)
     try:
         yield os.environ[TIMESTAMP_ENV]
     finally:
@@ -174,7 +216,10 @@ def run_paths(opt: argparse.Namespace, now: str) -> RunPaths:
         raise ConfigError("no config given: pass --base config.yaml [more.yaml ...] or -r LOGDIR")
     name = opt.name or os.path.splitext(os.path.basename(opt.base[0]))[0]
     root = os.path.join(opt.logdir, opt.project, "debug_runs" if opt.debug else "")
-    return RunPaths(now, os.path.join(root, f"{now}_{name}{opt.postfix}"), list(opt.base), None)
+    logdir = os.path.join(root, f"{now}_{name}{opt.postfix}")
+    # The same timestamp and name again: a requeued SLURM job, a restarted torchrun worker, a retried sweep run.
+    last = os.path.join(logdir, "checkpoints", "last.ckpt")
+    return RunPaths(now, logdir, list(opt.base), last if os.path.isfile(last) else None)
 
 
 def load_config(files: Sequence[str], overrides: Sequence[str]) -> DictConfig:
@@ -199,10 +244,11 @@ def load_config(files: Sequence[str], overrides: Sequence[str]) -> DictConfig:
     return config
 
 
-def trainer_config(lightning_config: DictConfig | dict, opt: argparse.Namespace) -> dict:
+def trainer_config(lightning_config: DictConfig | dict, opt: argparse.Namespace, launch: dict | None = None) -> dict:
     """`lightning.trainer` with the CLI trainer flags applied and Lightning-1.x settings translated.
 
-    CompVis-era configs (and the lightning.yaml they saved) carry `gpus: 0,` and `accelerator: ddp`.
+    CompVis-era configs (and the lightning.yaml they saved) carry `gpus: 0,` and `accelerator: ddp`. `launch`
+    (num_nodes and devices of a torchrun or SLURM launch) fills what neither the config nor a flag sets.
     """
     trainer = lightning_config.get("trainer") or {}
     config = dict(OmegaConf.to_container(trainer, resolve=True) if isinstance(trainer, DictConfig) else trainer)
@@ -218,7 +264,7 @@ def trainer_config(lightning_config: DictConfig | dict, opt: argparse.Namespace)
     flags.update(opt.gpus or {})
     if isinstance(flags.get("precision"), str) and flags["precision"].isdigit():
         flags["precision"] = int(flags["precision"])
-    return {**config, **flags}
+    return {**(launch or {}), **config, **flags}
 
 
 def check_trainer_kwargs(kwargs: dict, trainer_cls: type) -> None:

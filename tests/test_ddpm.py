@@ -134,7 +134,7 @@ def test_ema_update_and_scope_swap_and_restore_weights():
         opt.zero_grad()
         model.training_step({"image": images(seed=i)}, i).backward()
         opt.step()
-        model.on_train_batch_end(None, None, i)
+        model.update_ema()
     assert int(model.model_ema.num_updates) == 3
     trained = {k: v.clone() for k, v in model.model.named_parameters()}
     shadow = dict(model.model_ema.named_buffers())

@@ -1,6 +1,7 @@
 """A tiny LightningModule and dataset for the main.py / callback tests (seconds on CPU)."""
 import os
 import signal
+import time
 
 import pytorch_lightning as pl
 import torch
@@ -24,12 +25,15 @@ class ToyAutoencoder(pl.LightningModule):
     """A 1x1-conv bottleneck autoencoder with an LR scheduler, a monitor and `log_images`.
 
     `interrupt_at` raises KeyboardInterrupt and `signal_at` sends SIGUSR1 to this process in
-    the training step of that global step (for the interruption tests).
+    the training step of that global step (for the interruption tests); a missing `require_file`
+    fails the construction (sweep retries).
     """
 
     def __init__(self, embed_dim: int = 2, monitor: str | None = "val/loss", interrupt_at: int = -1,
-                 signal_at: int = -1):
+                 signal_at: int = -1, require_file: str | None = None):
         super().__init__()
+        if require_file and not os.path.exists(require_file):
+            raise RuntimeError(f"ToyAutoencoder: {require_file} does not exist (a run that fails on purpose)")
         self.save_hyperparameters()
         self.encoder, self.decoder = nn.Conv2d(3, embed_dim, 1), nn.Conv2d(embed_dim, 3, 1)
         if monitor:
@@ -64,3 +68,29 @@ class ToyAutoencoder(pl.LightningModule):
     def log_images(self, batch: dict, split: str = "train") -> dict:
         x = batch["image"]
         return {"inputs": x, "reconstructions": self(x), "latents": self.encoder(x), "captions": batch["caption"]}
+
+
+class RankState(pl.Callback):
+    """Saves each rank's full state dict to `<folder>/rank<global rank>.pt` when training ends."""
+
+    def __init__(self, folder: str):
+        self.folder = folder
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        os.makedirs(self.folder, exist_ok=True)
+        state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items()}
+        torch.save(state, os.path.join(self.folder, f"rank{trainer.global_rank}.pt"))
+
+
+class SlowSteps(pl.Callback):
+    """Writes the global step to `step_file` after each batch and, while `marker` exists, sleeps `delay` seconds
+    (so that a test can signal a training that is still running)."""
+
+    def __init__(self, step_file: str, marker: str, delay: float = 0.5):
+        self.step_file, self.marker, self.delay = step_file, marker, delay
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
+        with open(self.step_file, "w") as f:
+            f.write(str(trainer.global_step))
+        if os.path.exists(self.marker):
+            time.sleep(self.delay)

@@ -213,8 +213,9 @@ class AutoencoderBase(pl.LightningModule):
         self.log("train/aeloss", g_loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
         self.log_dict({k: v.detach() if torch.is_tensor(v) else v for k, v in log.items()},
                       on_step=True, on_epoch=False)
+        self.update_ema()  # in the step: checkpoints written at the end of the batch hold this step's EMA
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def update_ema(self) -> None:
         if self.use_ema:
             self.model_ema(self._ema_targets())
 

@@ -21,6 +21,7 @@ from ldm.diffusion.losses import LOSS_TYPES, min_snr_weights
 from ldm.diffusion.sampling import SAMPLERS, check_sampler, run_sampler  # noqa: F401 - SAMPLERS re-exported
 from ldm.lr_schedules import COMPVIS_SCHEDULES, linear_cycle_schedule  # noqa: F401 (re-exported)
 from ldm.models.diffusion_wrapper import DiffusionWrapper
+from ldm.models.sharding import shard_diffusion_model
 from ldm.modules.ema import LitEma, ema_scope
 from ldm.util import ConfigError, check_params, get_obj_from_str, instantiate_from_config
 
@@ -185,7 +186,22 @@ class DDPM(pl.LightningModule):
                       batch_size=len(x0))
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+    def configure_model(self) -> None:
+        """Under --strategy fsdp (Lightning's ModelParallelStrategy gives a device mesh) shard the U-Net and EMA."""
+        if self.device_mesh is not None:
+            self.shard(self.device_mesh["data_parallel"])
+
+    def shard(self, mesh) -> None:
+        """FSDP2 over `mesh` (ldm.models.sharding)."""
+        shard_diffusion_model(self, mesh)
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """The optimizer step, then the EMA update: checkpoints written at the end of the batch (the pre-emption
+        save, ModelCheckpoint's every_n_train_steps) hold the EMA of the same step."""
+        super().optimizer_step(*args, **kwargs)
+        self.update_ema()
+
+    def update_ema(self) -> None:
         if self.use_ema:
             self.model_ema(self._ema_targets())
 
