@@ -95,7 +95,7 @@ def test_only_the_encoder_and_sft_layers_train_and_the_base_stays_bit_identical(
         opt.zero_grad()
         loss.backward()
         opt.step()
-        model.on_train_batch_end(None, batch, step)
+        model.update_ema()                      # what the optimizer_step hook does after the step
     after = frozen_state(model)
     assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
     assert all(not torch.equal(p, trained_before[n]) for n, p in model.named_parameters() if p.requires_grad
