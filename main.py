@@ -20,10 +20,12 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_info
 
 from ldm import cli
-from ldm.checkpoint import UnsafeCheckpointError, unsafe_pickle_allowed
+from ldm.checkpoint import (CheckpointMismatchError, UnsafeCheckpointError, compare_state_dict, state_dict_shapes,
+                            unsafe_pickle_allowed)
 # CompVis configs name `main.ImageLogger`, `main.DataModuleFromConfig`, ...: keep those targets valid.
 from ldm.callbacks import AtomicCheckpointIO, ImageLogger, LastCheckpoint, SetupCallback  # noqa: F401
 from ldm.data.datamodule import DataModuleFromConfig  # noqa: F401
+from ldm.models.nonfinite import NonFiniteLossError
 from ldm.util import ConfigError, instantiate_from_config
 
 
@@ -36,9 +38,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             files = paths.base
             with unsafe_pickle_allowed(opt.unsafe_pickle):
                 run(opt, paths)
-        except UnsafeCheckpointError as err:
+        except (UnsafeCheckpointError, CheckpointMismatchError) as err:
             print(f"main.py: error: {err}", file=sys.stderr)
             return 2
+        except NonFiniteLossError as err:
+            print(f"main.py: error: {err}", file=sys.stderr)
+            return 1
         except ConfigError as err:
             print(f"main.py: config error: {err}\n  config files: {', '.join(files) or 'none'}"
                   f"; overrides: {' '.join(opt.overrides) or 'none'}", file=sys.stderr)
@@ -57,6 +62,8 @@ def run(opt: argparse.Namespace, paths: cli.RunPaths) -> None:
     pl.seed_everything(opt.seed, workers=True)
     model = instantiate_from_config(config.model, where="model")
     data = instantiate_from_config(config.data, where="data")
+    if paths.resume_ckpt:
+        check_resume_fits(model, paths.resume_ckpt, opt.unsafe_pickle)
     trainer = make_trainer(config, lightning_config, paths, model)
     if opt.train:
         model.learning_rate = learning_rate(config, trainer, opt.scale_lr)
@@ -75,9 +82,13 @@ def make_trainer(config: DictConfig, lightning_config: DictConfig, paths: cli.Ru
     logger = cli.logger_config(paths.logdir, lightning_config.get("logger"), tensorboard)
     callbacks = [SetupCallback(paths.now, paths.logdir, paths.ckptdir, paths.cfgdir,
                                OmegaConf.to_container(config, resolve=True),
-                               OmegaConf.to_container(lightning_config, resolve=True)),
-                 LastCheckpoint(os.path.join(paths.ckptdir, "last.ckpt"), kwargs.get("enable_checkpointing", True))]
-    named = cli.merge_named(cli.DEFAULT_CALLBACKS, lightning_config.get("callbacks"))
+                               OmegaConf.to_container(lightning_config, resolve=True))]
+    # training_state first: its end-of-batch snapshot must precede any checkpoint written at that batch
+    run_callbacks = {"training_state": {"target": "ldm.resume.TrainingState"},
+                     "last_checkpoint": {"target": "ldm.callbacks.LastCheckpoint",
+                                         "params": {"ckpt_path": os.path.join(paths.ckptdir, "last.ckpt"),
+                                                    "periodic": kwargs.get("enable_checkpointing", True)}}}
+    named = cli.merge_named({**run_callbacks, **cli.DEFAULT_CALLBACKS}, lightning_config.get("callbacks"))
     callbacks += [instantiate_from_config(cfg, where=f"lightning.callbacks.{name}") for name, cfg in named.items()]
     if kwargs.get("enable_checkpointing", True):
         checkpoint = cli.checkpoint_config(paths.ckptdir, getattr(model, "monitor", None),
@@ -89,6 +100,17 @@ def make_trainer(config: DictConfig, lightning_config: DictConfig, paths: cli.Ru
                          "logger": instantiate_from_config(logger, where="lightning.logger"),
                          "callbacks": callbacks,
                          "plugins": [AtomicCheckpointIO(), *(plugins if isinstance(plugins, list) else [plugins])]})
+
+
+def check_resume_fits(model: pl.LightningModule, ckpt: str, allow_pickle: bool) -> None:
+    """A CheckpointMismatchError naming the file and the keys / shapes when the -r checkpoint holds another
+    architecture than the config builds (read memory-mapped, before Lightning loads it)."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    report = compare_state_dict(expected, state_dict_shapes(ckpt, allow_pickle=allow_pickle))
+    if not report.ok:
+        raise CheckpointMismatchError(report.describe(ckpt, type(model).__name__) + "\n  -r continues a run with "
+                                      "the configs saved in its logdir: overrides or --base files that change the "
+                                      "architecture cannot continue this checkpoint", report)
 
 
 def learning_rate(config: DictConfig, trainer: pl.Trainer, scale: bool) -> float:

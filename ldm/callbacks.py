@@ -1,4 +1,5 @@
 """Lightning callbacks of main.py: run directory set-up, image grids, epoch stats, SIGUSR1 and atomic checkpoints."""
+import glob
 import math
 import os
 import signal
@@ -18,6 +19,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from torchvision.utils import make_grid
 
 from ldm.checkpoint import save_checkpoint_atomic
+from ldm.rng import preserved_rng
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -32,7 +34,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = os.fspath(path)
         if storage_options is not None or "://" in path:
             return super().save_checkpoint(checkpoint, path, storage_options)
-        save_checkpoint_atomic(checkpoint, path)
+        try:
+            save_checkpoint_atomic(checkpoint, path)
+        except OSError as err:  # a full disk, a lost mount: say what survived
+            kept = "the previous file is intact" if os.path.exists(path) else "no earlier file existed"
+            raise OSError(err.errno, f"could not write checkpoint {path} ({err.strerror or err}); {kept}") from err
 
     def load_checkpoint(self, path, map_location: Optional[Callable] = lambda storage, loc: storage,
                         weights_only: Optional[bool] = None) -> dict[str, Any]:
@@ -42,7 +48,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class SetupCallback(Callback):
     """Creates the run directory and saves the merged configs (global rank 0 only).
 
-    On Ctrl+C during fit, saves `<ckptdir>/last.ckpt` so the run can be resumed with `-r`.
+    On Ctrl+C during fit, saves `<ckptdir>/last.ckpt` so the run can be resumed with `-r` (not while the loss
+    is non-finite: see `suspect`). Removes temporary files of checkpoints whose writing was cut short.
     """
 
     def __init__(self, now: str, logdir: str, ckptdir: str, cfgdir: str, config: dict, lightning_config: dict):
@@ -54,6 +61,9 @@ class SetupCallback(Callback):
             return
         for folder in (self.logdir, self.ckptdir, self.cfgdir):
             os.makedirs(folder, exist_ok=True)
+        for stale in sorted(glob.glob(os.path.join(glob.escape(self.ckptdir), ".*.tmp"))):
+            rank_zero_info(f"Removing {stale}: a checkpoint that an earlier run did not finish writing")
+            os.remove(stale)
         OmegaConf.save(OmegaConf.create(self.config), os.path.join(self.cfgdir, f"{self.now}-project.yaml"))
         OmegaConf.save(OmegaConf.create({"lightning": self.lightning_config}),
                        os.path.join(self.cfgdir, f"{self.now}-lightning.yaml"))
@@ -61,7 +71,7 @@ class SetupCallback(Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # Every DDP rank of the foreground process group receives Ctrl+C, so all reach save_checkpoint's barrier.
-        if isinstance(exception, KeyboardInterrupt) and trainer.state.fn == "fit":
+        if isinstance(exception, KeyboardInterrupt) and trainer.state.fn == "fit" and not suspect(pl_module):
             path = os.path.join(self.ckptdir, "last.ckpt")
             rank_zero_info(f"Interrupted: saving {path}")
             trainer.save_checkpoint(path, weights_only=False)
@@ -119,7 +129,7 @@ class ImageLogger(Callback):
         modes = {module: module.training for module in pl_module.modules()}
         pl_module.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), preserved_rng():  # logging leaves the training's random stream alone
                 images = pl_module.log_images(batch, split=split, **self.log_images_kwargs)
         finally:
             for module, mode in modes.items():
@@ -182,28 +192,43 @@ class EpochStats(Callback):
             logger.log_metrics(stats, step=trainer.global_step)
 
 
+def suspect(pl_module: pl.LightningModule) -> bool:
+    """True while the module's loss has been NaN/inf in the latest step(s) (`nonfinite_streak`,
+    ldm.models.nonfinite): its weights may be corrupt, so no checkpoint replaces the last good one."""
+    return getattr(pl_module, "nonfinite_streak", 0) > 0
+
+
 class LastCheckpoint(Callback):
     """Keeps `ckpt_path` (`last.ckpt`) at the latest step, so `-r` continues where training stopped.
 
     Lightning 2's `ModelCheckpoint(save_last=True)` rewrites `last.ckpt` only when a top-k file was
     saved at the same step, so with a monitor it can lag far behind. This writes it (when
-    `periodic`) after every training epoch and validation and when training ends, and, where
-    the platform has SIGUSR1 (not Windows), at the end of the batch during which SIGUSR1 arrived
-    (SLURM's pre-emption warning). A SIGUSR1 handler already installed (Lightning's SLURM
-    auto-requeue) still runs: ours calls it too. Under DDP a signal reaching one rank saves for all.
+    `periodic`) after every training epoch and validation, every `every_n_train_steps` steps (0: never) and
+    when training ends, and, where the platform has SIGUSR1 (not Windows), at the end of the batch during which
+    SIGUSR1 arrived (SLURM's pre-emption warning). A SIGUSR1 handler already installed (Lightning's SLURM
+    auto-requeue) still runs: ours calls it too. Under DDP a signal reaching one rank saves for all. Nothing
+    is written while the loss is non-finite (`suspect`): the file keeps the last good step.
     """
 
     def __init__(self, ckpt_path: str, periodic: bool = True,
-                 signum: Optional[int] = getattr(signal, "SIGUSR1", None)):
+                 signum: Optional[int] = getattr(signal, "SIGUSR1", None), every_n_train_steps: int = 0):
+        if every_n_train_steps < 0:
+            raise ValueError(f"LastCheckpoint: every_n_train_steps must be >= 0, got {every_n_train_steps}")
         self.ckpt_path, self.periodic, self.signum = ckpt_path, periodic, signum
+        self.every_n_train_steps = every_n_train_steps
         self.requested, self._saved_step = False, -1
         self._previous, self._installed = None, False
 
     def save(self, trainer: pl.Trainer, reason: str) -> None:
-        if trainer.global_step != self._saved_step:
-            rank_zero_info(f"Saving {self.ckpt_path} at step {trainer.global_step} ({reason})")
-            trainer.save_checkpoint(self.ckpt_path, weights_only=False)
-            self._saved_step = trainer.global_step
+        if trainer.global_step == self._saved_step:
+            return
+        if suspect(trainer.lightning_module):
+            rank_zero_info(f"Not saving {self.ckpt_path} at step {trainer.global_step} ({reason}): the loss is "
+                           f"non-finite; it keeps step {self._saved_step}")
+            return
+        rank_zero_info(f"Saving {self.ckpt_path} at step {trainer.global_step} ({reason})")
+        trainer.save_checkpoint(self.ckpt_path, weights_only=False)
+        self._saved_step = trainer.global_step
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._saved_step = trainer.global_step  # a resumed run starts from a saved step
@@ -225,6 +250,8 @@ class LastCheckpoint(Callback):
         if requested:
             self.requested = False
             self.save(trainer, f"signal {self.signum}")
+        elif self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
+            self.save(trainer, f"every {self.every_n_train_steps} step(s)")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.periodic:

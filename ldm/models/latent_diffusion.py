@@ -36,7 +36,8 @@ class LatentDiffusion(DDPM):
 
     Ours beyond CompVis/SD: `cond_drop_prob` (conditioning dropout for classifier-free guidance: one number or
     {concat|crossattn|adm: p}); `masked_image_key`/`mask_key` (inpainting condition); `allow_random_first_stage`
-    (build without first-stage weights, for tests); `ema_decay`, `lr_warmup_steps`, `weight_decay`;
+    (build without first-stage weights, for tests); `ema_decay`, `lr_warmup_steps`, `weight_decay`,
+    `max_nonfinite_steps`;
     `first_stage_cache_size` (keep the frozen encoder's output for this many images, `FirstStageCache`: each
     epoch after the first skips the encoder; 0, the default, encodes every batch).
     """
@@ -59,7 +60,7 @@ class LatentDiffusion(DDPM):
                  scheduler_config: Mapping | None = None, use_positional_encodings: bool = False,
                  learn_logvar: bool = False, logvar_init: float = 0.0, ema_decay: float = 0.9999,
                  lr_warmup_steps: int = 0, weight_decay: float = 0.01, snr_gamma: float | None = None,
-                 first_stage_cache_size: int = 0):
+                 first_stage_cache_size: int = 0, max_nonfinite_steps: int = 10):
         if unet_config is None:
             raise ConfigError("model.params.unet_config is missing")
         if num_timesteps_cond not in (None, 1):
@@ -79,7 +80,7 @@ class LatentDiffusion(DDPM):
                          parameterization=parameterization, scheduler_config=scheduler_config,
                          use_positional_encodings=use_positional_encodings, learn_logvar=learn_logvar,
                          logvar_init=logvar_init, ema_decay=ema_decay, lr_warmup_steps=lr_warmup_steps,
-                         weight_decay=weight_decay, snr_gamma=snr_gamma)
+                         weight_decay=weight_decay, snr_gamma=snr_gamma, max_nonfinite_steps=max_nonfinite_steps)
         # ckpt_path: loaded below, once every stage exists
         self.conditioning_key, self.cond_stage_key = conditioning_key, cond_stage_key
         self.masked_image_key, self.mask_key = masked_image_key, mask_key
