@@ -120,3 +120,77 @@ def test_autoencoder_with_discriminator_resumes_bit_exactly_after_kill_9(tmp_pat
 @pytest.mark.slow
 def test_latent_diffusion_resumes_bit_exactly_after_kill_9(tmp_path, deterministic_torch):
     check_kill_and_resume(tmp_path, LDM)
+
+
+# ---------------------------------------------------------------- the training order (map-style and shards)
+
+def toy_config(tmp_path: Path, train: dict, num_workers: int = 0) -> str:
+    """The main.py toy config with `train` as its training data; a checkpoint after every step."""
+    import yaml
+
+    from tests.test_main import TOY as BASE
+
+    config = {**BASE, "data": {**BASE["data"], "params": {**BASE["data"]["params"], "train": train,
+                                                          "num_workers": num_workers}}}
+    config["lightning"] = {**BASE["lightning"], "trainer": {**BASE["lightning"]["trainer"], "max_steps": 10},
+                           "modelcheckpoint": {"params": {"every_n_train_steps": 1, "save_top_k": -1,
+                                                          "monitor": None}}}
+    path = tmp_path / "toy.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
+def check_order_resumes(tmp_path: Path, config: str, batches_per_epoch: int) -> None:
+    """Resuming from a mid-epoch checkpoint, from the last batch of an epoch and from last.ckpt written at an
+    epoch's end gives the batches the uninterrupted run trained on."""
+    keys = ["train/loss"]
+    whole = tmp_path / "whole.txt"
+    assert main.main(["-b", config, "-t", "-l", str(tmp_path / "a"), loss_log(whole, keys)]) == 0
+    reference = lines(whole)
+    assert len(reference) == 10 and len(set(r.split()[2] for r in reference[:batches_per_epoch])) > 1
+    [run] = list((tmp_path / "a").iterdir())
+    for step in (3, batches_per_epoch):
+        [ckpt] = (run / "checkpoints").glob(f"*step={step:09}.ckpt")
+        out = tmp_path / f"from{step}.txt"
+        assert main.main(["-r", str(ckpt), "-t", f"lightning.callbacks.loss_log.params.path={out}"]) == 0
+        assert lines(out) == reference[step:], f"resumed from step {step}"
+    epoch_end, out = tmp_path / "b", tmp_path / "from_epoch_end.txt"
+    assert main.main(["-b", config, "-t", "-l", str(epoch_end), f"--max_steps={batches_per_epoch}",
+                      loss_log(tmp_path / "first.txt", keys)]) == 0
+    [run] = list(epoch_end.iterdir())
+    assert main.main(["-r", str(run), "-t", "--max_steps=10", f"lightning.callbacks.loss_log.params.path={out}"]) == 0
+    assert lines(tmp_path / "first.txt") + lines(out) == reference
+
+
+def test_map_style_order_resumes_mid_epoch_and_at_epoch_ends(tmp_path):
+    train = {"target": "tests.toy_model.ToyImages", "params": {"length": 16}}  # 4 batches of 4 per epoch
+    check_order_resumes(tmp_path, toy_config(tmp_path, train), 4)
+
+
+def image_folder(root: Path, n: int = 24) -> Path:
+    """`n` small random PNGs in two class folders, with sidecar captions."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        folder = root / ("cats" if i % 2 else "dogs")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"picture {i}")
+    return root
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Path:
+    from ldm.data.shard_writer import write_shards
+
+    root = tmp_path_factory.mktemp("shards")
+    write_shards(image_folder(root / "images"), root / "shards", shard_size=4, progress=lambda _: None)
+    return root / "shards"
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_shard_order_resumes_mid_epoch_and_at_epoch_ends(tmp_path, shards, num_workers):
+    train = {"target": "ldm.data.shards.ImageShards", "params": {"root": str(shards), "size": 8}}
+    check_order_resumes(tmp_path, toy_config(tmp_path, train, num_workers), 6)  # 24 samples, 6 batches of 4

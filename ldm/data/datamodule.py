@@ -1,5 +1,5 @@
 """DataModuleFromConfig: the `data:` section of a CompVis-style config as a LightningDataModule."""
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import pytorch_lightning as pl
 import torch
@@ -87,36 +87,49 @@ class DataModuleFromConfig(pl.LightningDataModule):
             return 1, 0, 0
         return trainer.world_size, trainer.global_rank, trainer.current_epoch
 
-    def _loader(self, dataset: Any, drop_last: bool, **kwargs: Any) -> DataLoader:
-        return DataLoader(dataset,
-                          batch_size=self.batch_size,
-                          num_workers=self.num_workers,
-                          pin_memory=self.pin_memory,
-                          drop_last=drop_last,
-                          persistent_workers=self.num_workers > 0,
-                          generator=torch.Generator().manual_seed(self.seed),
-                          **kwargs)
+    def _epoch(self) -> int:
+        return self._distribution()[2]
+
+    def _loader(self, dataset: Any, drop_last: bool, loader: type[DataLoader] = DataLoader,
+                **kwargs: Any) -> DataLoader:
+        return loader(dataset,
+                      batch_size=self.batch_size,
+                      num_workers=self.num_workers,
+                      pin_memory=self.pin_memory,
+                      drop_last=drop_last,
+                      persistent_workers=self.num_workers > 0,
+                      generator=torch.Generator().manual_seed(self.seed),
+                      **kwargs)
 
     def _train_dataloader(self) -> DataLoader:
         dataset = self.dataset("train")
         world, rank, epoch = self._distribution()
-        resume_epoch, batches = self._train_position or (epoch, 0)
-        self._train_position = None
-        batches = batches if resume_epoch == epoch else 0
-        if callable(getattr(dataset, "set_position", None)):          # ImageShards: split and resumed inside
+        if callable(getattr(dataset, "begin_epoch", None)):            # ImageShards: split and resumed inside
             dataset.set_loader(self.batch_size, self.num_workers, world, rank)
-            dataset.set_position(epoch, batches)
-            return self._loader(dataset, self.drop_last)
+            dataset.set_position(*(self._train_position or (epoch, 0)))
+            self._train_position = None
+            return self._loader(dataset, self.drop_last, loader=EpochLoader, epoch_fn=self._epoch)
         if isinstance(dataset, IterableDataset):
             return self._loader(dataset, self.drop_last)
         sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=self.seed)
+        per_epoch = len(sampler) // self.batch_size if self.drop_last else -(-len(sampler) // self.batch_size)
+        epoch, batches = self._start(epoch, per_epoch)
         sampler.set_epoch(epoch)
         sampler.resume(epoch, batches * self.batch_size)
         return self._loader(dataset, self.drop_last, sampler=sampler)
 
+    def _start(self, epoch: int, per_epoch: int) -> tuple[int, int]:
+        """(epoch, batches to skip) of the next pass: the restored position when it is in the trainer's current
+        epoch (the next epoch's start when it ended that epoch), else the start of the current epoch."""
+        resume_epoch, batches = self._train_position or (epoch, 0)
+        self._train_position = None
+        if resume_epoch != epoch:
+            return epoch, 0
+        return (epoch + 1, 0) if batches >= per_epoch else (epoch, batches)
+
     def _eval_loader(self, name: str, shuffle: bool) -> DataLoader:
         dataset = self.dataset(name)
-        if callable(getattr(dataset, "set_position", None)):
+        if callable(getattr(dataset, "set_loader", None)):
             world, rank, _ = self._distribution()
             dataset.set_loader(self.batch_size, self.num_workers, world, rank)
         return self._loader(dataset, False, shuffle=shuffle and not isinstance(dataset, IterableDataset))
@@ -126,3 +139,16 @@ class DataModuleFromConfig(pl.LightningDataModule):
 
     def _test_dataloader(self) -> DataLoader:
         return self._eval_loader("test", False)
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader that calls `dataset.begin_epoch(epoch_fn())` before every pass: an iterable dataset has no
+    sampler for Lightning's set_epoch, and this reaches it whether it is re-iterated or not."""
+
+    def __init__(self, dataset: Any, *args: Any, epoch_fn: Callable[[], int], **kwargs: Any):
+        super().__init__(dataset, *args, **kwargs)
+        self.epoch_fn = epoch_fn
+
+    def __iter__(self):
+        self.dataset.begin_epoch(self.epoch_fn())
+        return super().__iter__()

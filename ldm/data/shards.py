@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
+import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -79,10 +80,9 @@ class ImageShards(IterableDataset):
     """Tar shards of scripts/make_shards.py -> {image, class_label, caption[, objects]} (ImageFolder's format).
 
     `training`: shuffled shards and samples, fixed-length epochs of whole batches, resumable (see the module
-    docstring); the DataModule calls `set_loader` and `set_position`. Otherwise (validation, test) every sample
+    docstring); the DataModule calls `set_loader` and `set_position`, and its loader calls `begin_epoch`
+    before every pass (without that, every pass reads epoch 0). Otherwise (validation, test) every sample
     once, in shard order, each slot reading its own shards; no length is reported (the loop runs to the end).
-    With DataLoader workers the loader must keep them alive between epochs (persistent_workers, as
-    DataModuleFromConfig does): each worker counts its epochs.
     """
 
     def __init__(self,
@@ -108,6 +108,7 @@ class ImageShards(IterableDataset):
         self.classes = list(self.index.get("classes", []))
         self.seed, self.training, self.shuffle_buffer = seed, training, shuffle_buffer
         self.num_samples = sum(int(s["samples"]) for s in self.index["shards"])
+        self._pass = torch.zeros(2, dtype=torch.int64).share_memory_()  # (epoch, batches to skip) of this pass
         self.set_loader(batch_size=1, num_workers=0)
         self.set_position(0, 0)
 
@@ -128,8 +129,22 @@ class ImageShards(IterableDataset):
         self.batches_per_worker = per_worker
 
     def set_position(self, epoch: int, batches: int) -> None:
-        """The next iteration is epoch `epoch`, after its first `batches` batches on this rank (0: from the start)."""
-        self._next_epoch, self._skip_batches = epoch, batches
+        """Resume: the passes over epoch `epoch` skip its first `batches` batches on this rank (a restored
+        checkpoint's position); a position at the end of an epoch makes that epoch's pass read the next one."""
+        self._resume = (epoch, batches)
+        self.begin_epoch(epoch)
+
+    def begin_epoch(self, epoch: int) -> None:
+        """Called in the main process before every pass (DataModuleFromConfig's loader does it with the trainer's
+        epoch): the pass reads `epoch`, less what `set_position` says was already trained. The workers read
+        it from shared memory, so it reaches them whether they persist or not."""
+        resume_epoch, batches = self._resume
+        skip = 0
+        if epoch == resume_epoch and batches >= max(self.num_workers, 1) * self.batches_per_worker:
+            epoch += 1
+        elif epoch == resume_epoch:
+            skip = batches
+        self._pass[0], self._pass[1] = epoch, skip
 
     def __len__(self) -> int:
         """Samples per epoch on this rank (training); evaluation streams have no fixed length."""
@@ -148,8 +163,9 @@ class ImageShards(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         worker, workers = self._worker()
-        epoch, skip_batches = self._next_epoch, self._skip_batches
-        self._next_epoch, self._skip_batches = epoch + 1, 0       # this copy's next iteration: the next epoch
+        epoch, skip_batches = (int(v) for v in self._pass)
+        # the loader's round-robin restarts at worker 0: it takes over the reader whose batch was due next
+        worker = (worker + skip_batches) % workers
         slot, slots = self.rank * workers + worker, self.num_replicas * workers
         shards = [self.index["shards"][k]["path"] for k in self._shard_order(epoch)[slot::slots]]
         if not self.training:
