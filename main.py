@@ -20,8 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_info
 
 from ldm import cli
-from ldm.checkpoint import (CheckpointMismatchError, UnsafeCheckpointError, compare_state_dict, state_dict_shapes,
-                            unsafe_pickle_allowed)
+from ldm.checkpoint import (CheckpointMismatchError, CheckpointWriteError, UnsafeCheckpointError, compare_state_dict,
+                            state_dict_shapes, unsafe_pickle_allowed)
 # CompVis configs name `main.ImageLogger`, `main.DataModuleFromConfig`, ...: keep those targets valid.
 from ldm.callbacks import AtomicCheckpointIO, ImageLogger, LastCheckpoint, SetupCallback  # noqa: F401
 from ldm.data.datamodule import DataModuleFromConfig  # noqa: F401
@@ -41,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (UnsafeCheckpointError, CheckpointMismatchError) as err:
             print(f"main.py: error: {err}", file=sys.stderr)
             return 2
-        except NonFiniteLossError as err:
+        except (NonFiniteLossError, CheckpointWriteError) as err:
             print(f"main.py: error: {err}", file=sys.stderr)
             return 1
         except ConfigError as err:

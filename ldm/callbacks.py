@@ -18,7 +18,7 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_info
 from torchvision.utils import make_grid
 
-from ldm.checkpoint import save_checkpoint_atomic
+from ldm.checkpoint import CheckpointWriteError, save_checkpoint_atomic
 from ldm.rng import preserved_rng
 
 
@@ -38,7 +38,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             save_checkpoint_atomic(checkpoint, path)
         except OSError as err:  # a full disk, a lost mount: say what survived
             kept = "the previous file is intact" if os.path.exists(path) else "no earlier file existed"
-            raise OSError(err.errno, f"could not write checkpoint {path} ({err.strerror or err}); {kept}") from err
+            raise CheckpointWriteError(err.errno, f"could not write checkpoint {path} ({err.strerror or err}); "
+                                                  f"{kept}") from err
 
     def load_checkpoint(self, path, map_location: Optional[Callable] = lambda storage, loc: storage,
                         weights_only: Optional[bool] = None) -> dict[str, Any]:

@@ -41,6 +41,10 @@ class UnsafeCheckpointError(RuntimeError):
     """The file holds Python objects that only arbitrary (code-executing) unpickling can rebuild."""
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, lost mount); the file it was to replace is unchanged."""
+
+
 class CheckpointMismatchError(RuntimeError):
     """A state dict does not fit the model; `.report` has the details."""
 
