@@ -22,8 +22,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", required=True, help="empty (or new) folder for the shards and index.json")
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     parser.add_argument("--resize", type=int, default=None,
-                        help="re-encode as PNG with the shorter side resized to this many pixels (default: keep "
-                             "each file's bytes)")
+                        help="resize the shorter side to this many pixels and re-encode (JPEG quality 95 for "
+                             "JPEGs, PNG otherwise; default: keep each file's bytes)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the one-off shuffle across shards")
     parser.add_argument("--no-shuffle", action="store_true", help="keep the folder's sorted order")
     return parser.parse_args(argv)

@@ -31,7 +31,8 @@ def make_folder(root: Path, n: int = 24, boxes: bool = True) -> Path:
         name = f"{'cats' if i % 2 else 'dogs'}/{i:02d}.png"
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(root / name)
-        meta.append({"file_name": name, "text": f"picture {i}"} | ({"boxes": [[i % 3, 0.1, 0.2, 0.6, 0.9]]} if boxes else {}))
+        meta.append({"file_name": name, "text": f"picture {i}"}
+                    | ({"boxes": [[i % 3, 0.1, 0.2, 0.6, 0.9]]} if boxes else {}))
     (root / "metadata.jsonl").write_text("\n".join(json.dumps(m) for m in meta))
     return root
 

@@ -1,9 +1,10 @@
 """write_shards: an ImageFolder (class folders, captions, boxes) as WebDataset tar shards plus index.json.
 
-Each sample is `<8-digit key>.<ext>` (the picture: its original bytes, or re-encoded as PNG after resizing with
-`resize`) and `<key>.json` ({"file_name", "class_label", "class_name", "caption", "boxes"}). Samples are
-shuffled once (seed) so that every shard mixes the classes; shards and the index are written atomically
-(temporary file + rename), so an interrupted run leaves no half-written shard under a final name.
+Each sample is `<8-digit key>.<ext>` (the picture: its original bytes, or resized with `resize` and re-encoded,
+JPEG as JPEG (quality 95), anything else as PNG) and `<key>.json` ({"file_name", "class_label", "class_name",
+"caption", "boxes"}). Samples are shuffled once (seed) so that every shard mixes the classes; shards and the
+index are written atomically (temporary file + rename), so an interrupted run leaves no half-written shard under
+a final name.
 """
 import io
 import json
@@ -25,17 +26,21 @@ MTIME = 0.0  # fixed member times: the same input gives byte-identical shards
 
 
 def encode_picture(path: Path, resize: int | None) -> tuple[bytes, str]:
-    """(bytes, extension) of one picture: the file as it is, or shorter side -> `resize` as PNG. Decoding it
-    fully first catches truncated files (OSError / ValueError name the file)."""
+    """(bytes, extension) of one picture: the file as it is, or shorter side -> `resize`, re-encoded as JPEG
+    (quality 95) when it was one, else as PNG. Decoding it fully first catches truncated files."""
+    ext = path.suffix.lower().lstrip(".").replace("jpeg", "jpg")
     with Image.open(path) as img:
         img.load()
         if resize is None:
-            return path.read_bytes(), path.suffix.lower().lstrip(".").replace("jpeg", "jpg")
+            return path.read_bytes(), ext
         img = to_rgb(img)
         w, h = img.size
         scale = resize / min(w, h)
         img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), RESAMPLE)
     buffer = io.BytesIO()
+    if ext == "jpg":
+        img.save(buffer, format="JPEG", quality=95)
+        return buffer.getvalue(), "jpg"
     img.save(buffer, format="PNG")
     return buffer.getvalue(), "png"
 
