@@ -11,7 +11,8 @@ import torch
 
 
 def rng_state() -> dict[str, Any]:
-    """Every global generator's state (CUDA only when it has been initialised)."""
+    """Every global generator's state; CUDA: the current device's, once CUDA is initialised (asking for every
+    device's would start a CUDA context on each GPU in every DDP process)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
     version, words, gauss_next = random.getstate()
     state = {"torch": torch.get_rng_state(),
@@ -20,20 +21,19 @@ def rng_state() -> dict[str, Any]:
              "python": {"version": version, "words": torch.tensor(words, dtype=torch.int64),
                         "gauss_next": gauss_next}}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    """Restore what `rng_state` returned (CUDA states only when this process has as many devices)."""
+    """Restore what `rng_state` returned (the CUDA state to the current device, when there is one)."""
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     p = state["python"]
     random.setstate((p["version"], tuple(int(w) for w in p["words"].tolist()), p["gauss_next"]))
-    cuda = state.get("cuda")
-    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda)
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 def same_rng_state(a: dict[str, Any], b: dict[str, Any]) -> bool:
