@@ -7,7 +7,13 @@ A run writes `<logdir>/<now>_<name><postfix>/` (under `<logdir>/<project>/` with
 `<logdir>/debug_runs/` with -d): `configs/` (merged project and lightning configs), `checkpoints/`,
 `images/{train,val}/` and the logger's files. DDP workers that Lightning starts re-run this script
 and inherit the launching process's timestamp ($LDM_RUN_TIMESTAMP), so every rank names the same
-logdir; only global rank 0 writes to it. Config mistakes exit with status 2 and one message.
+logdir; only global rank 0 writes to it. Config mistakes (and a -r checkpoint of another architecture) exit
+with status 2 and one message; a run stopped by NaN/inf losses or by a checkpoint that cannot be written, with 1.
+
+Every checkpoint holds the training-data position and the RNG states (ldm.resume.TrainingState), so `-r`
+continues bit for bit in deterministic mode (lightning.trainer.deterministic=true); last.ckpt is written at
+epoch ends, validations and the end, and every N steps with lightning.callbacks.last_checkpoint.params.
+every_n_train_steps=N.
 """
 import argparse
 import importlib.util

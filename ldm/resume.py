@@ -11,6 +11,7 @@ Anything else that draws from the global generators between two training batches
 draw is reported once (a warning naming the batch). main.py puts this callback first, so its snapshot at the
 end of a batch precedes the checkpoint written by any later callback at that batch.
 """
+import warnings
 from typing import Any
 
 import pytorch_lightning as pl
@@ -78,6 +79,10 @@ class TrainingState(Callback):
         if callable(getattr(datamodule, "set_train_position", None)):
             datamodule.set_train_position(self.epoch, self.batches)
             rank_zero_info(f"TrainingState: resuming epoch {self.epoch} after its first {self.batches} batch(es)")
+            # Lightning warns that a mid-epoch resume without a state_dict-carrying loader is unreliable; here
+            # the position travels in this callback's state instead
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the "
+                                                      "epoch ended")
         elif self.batches:
             rank_zero_warn(f"TrainingState: the data module {type(datamodule).__name__} has no set_train_position; "
                            f"epoch {self.epoch} restarts from its first batch instead of batch {self.batches}")

@@ -163,6 +163,9 @@ def check_order_resumes(tmp_path: Path, config: str, batches_per_epoch: int) -> 
     [run] = list(epoch_end.iterdir())
     assert main.main(["-r", str(run), "-t", "--max_steps=10", f"lightning.callbacks.loss_log.params.path={out}"]) == 0
     assert lines(tmp_path / "first.txt") + lines(out) == reference
+    [ckpt] = (run / "checkpoints").glob(f"*step={batches_per_epoch + 2:09}.ckpt")  # the position it recorded
+    state = torch.load(ckpt, weights_only=True)["callbacks"]["TrainingState"]
+    assert (state["epoch"], state["batches"]) == (1, 2)
 
 
 def test_map_style_order_resumes_mid_epoch_and_at_epoch_ends(tmp_path):
