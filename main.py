@@ -8,12 +8,18 @@ A run writes `<logdir>/<now>_<name><postfix>/` (under `<logdir>/<project>/` with
 `images/{train,val}/` and the logger's files. DDP workers that Lightning starts re-run this script
 and inherit the launching process's timestamp ($LDM_RUN_TIMESTAMP), so every rank names the same
 logdir; only global rank 0 writes to it (torchrun ranks agree on one timestamp, submitit jobs carry
-theirs). Config mistakes exit with status 2 and one message.
+theirs). Config mistakes (and a -r checkpoint of another architecture) exit with status 2 and one message; a run
+stopped by NaN/inf losses or by a checkpoint that cannot be written, with 1.
 
     python main.py -b cfg.yaml -t --slurm partition=gpu,nodes=2,gpus_per_node=8,time=24:00:00   # submit
     python main.py -b cfg.yaml -t --sweep sweep.yaml [--jobs 2 | --slurm ...]                  # many runs
     python main.py -b cfg.yaml -t --devices 8 --strategy fsdp                                   # sharded U-Net
 (docs/cluster.md).
+
+Every checkpoint holds the training-data position and the RNG states (ldm.resume.TrainingState), so `-r`
+continues bit for bit in deterministic mode (lightning.trainer.deterministic=true); last.ckpt is written at
+epoch ends, validations and the end, and every N steps with lightning.callbacks.last_checkpoint.params.
+every_n_train_steps=N.
 """
 import argparse
 import importlib.util
@@ -27,11 +33,13 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.utilities import rank_zero_info
 
 from ldm import cli, cluster, sweep
-from ldm.checkpoint import UnsafeCheckpointError, unsafe_pickle_allowed
+from ldm.checkpoint import (CheckpointMismatchError, CheckpointWriteError, UnsafeCheckpointError, compare_state_dict,
+                            state_dict_shapes, unsafe_pickle_allowed)
 # CompVis configs name `main.ImageLogger`, `main.DataModuleFromConfig`, ...: keep those targets valid.
 from ldm.callbacks import AtomicCheckpointIO, ImageLogger, LastCheckpoint, SetupCallback  # noqa: F401
 from ldm.data.datamodule import DataModuleFromConfig  # noqa: F401
 from ldm.models import sharding
+from ldm.models.nonfinite import NonFiniteLossError
 from ldm.util import ConfigError, instantiate_from_config
 
 
@@ -53,9 +61,12 @@ def main(argv: Sequence[str] | None = None, preempt_signal: int | None = None) -
                 return cluster.submit(opt.slurm, cli.child_argv(argv), paths.logdir, now, MAIN_DIR)
             with unsafe_pickle_allowed(opt.unsafe_pickle):
                 return run(opt, paths, preempt_signal)
-        except UnsafeCheckpointError as err:
+        except (UnsafeCheckpointError, CheckpointMismatchError) as err:
             print(f"main.py: error: {err}", file=sys.stderr)
             return 2
+        except (NonFiniteLossError, CheckpointWriteError) as err:
+            print(f"main.py: error: {err}", file=sys.stderr)
+            return 1
         except ConfigError as err:
             print(f"main.py: config error: {err}\n  config files: {', '.join(files) or 'none'}"
                   f"; overrides: {' '.join(opt.overrides) or 'none'}", file=sys.stderr)
@@ -74,6 +85,8 @@ def run(opt: argparse.Namespace, paths: cli.RunPaths, preempt_signal: int | None
     pl.seed_everything(opt.seed, workers=True)
     model = instantiate_from_config(config.model, where="model")
     data = instantiate_from_config(config.data, where="data")
+    if paths.resume_ckpt:
+        check_resume_fits(model, paths.resume_ckpt, opt.unsafe_pickle)
     trainer = make_trainer(config, lightning_config, paths, model, preempt_signal)
     if opt.train:
         if paths.resume_ckpt and not opt.resume:
@@ -103,10 +116,14 @@ def make_trainer(config: DictConfig, lightning_config: DictConfig, paths: cli.Ru
     logger = cli.logger_config(paths.logdir, lightning_config.get("logger"), tensorboard)
     callbacks = [SetupCallback(paths.now, paths.logdir, paths.ckptdir, paths.cfgdir,
                                OmegaConf.to_container(config, resolve=True),
-                               OmegaConf.to_container(lightning_config, resolve=True)),
-                 LastCheckpoint(os.path.join(paths.ckptdir, "last.ckpt"), kwargs.get("enable_checkpointing", True),
-                                **({"signum": preempt_signal, "stop_on_signal": True} if preempt_signal else {}))]
-    named = cli.merge_named(cli.DEFAULT_CALLBACKS, lightning_config.get("callbacks"))
+                               OmegaConf.to_container(lightning_config, resolve=True))]
+    last = {"ckpt_path": os.path.join(paths.ckptdir, "last.ckpt"), "periodic": kwargs.get("enable_checkpointing", True)}
+    if preempt_signal:
+        last.update(signum=int(preempt_signal), stop_on_signal=True)
+    # training_state first: its end-of-batch snapshot must precede any checkpoint written at that batch
+    run_callbacks = {"training_state": {"target": "ldm.resume.TrainingState"},
+                     "last_checkpoint": {"target": "ldm.callbacks.LastCheckpoint", "params": last}}
+    named = cli.merge_named({**run_callbacks, **cli.DEFAULT_CALLBACKS}, lightning_config.get("callbacks"))
     callbacks += [instantiate_from_config(cfg, where=f"lightning.callbacks.{name}") for name, cfg in named.items()]
     if kwargs.get("enable_checkpointing", True):
         checkpoint = cli.checkpoint_config(paths.ckptdir, getattr(model, "monitor", None),
@@ -121,6 +138,17 @@ def make_trainer(config: DictConfig, lightning_config: DictConfig, paths: cli.Ru
                          "logger": instantiate_from_config(logger, where="lightning.logger"),
                          "callbacks": callbacks,
                          "plugins": plugins})
+
+
+def check_resume_fits(model: pl.LightningModule, ckpt: str, allow_pickle: bool) -> None:
+    """A CheckpointMismatchError naming the file and the keys / shapes when the -r checkpoint holds another
+    architecture than the config builds (read memory-mapped, before Lightning loads it)."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    report = compare_state_dict(expected, state_dict_shapes(ckpt, allow_pickle=allow_pickle))
+    if not report.ok:
+        raise CheckpointMismatchError(report.describe(ckpt, type(model).__name__) + "\n  -r continues a run with "
+                                      "the configs saved in its logdir: overrides or --base files that change the "
+                                      "architecture cannot continue this checkpoint", report)
 
 
 def learning_rate(config: DictConfig, trainer: pl.Trainer, scale: bool) -> float:

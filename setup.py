@@ -24,6 +24,7 @@ setup(
         "matplotlib>=3.7",
         "kornia>=0.7",
         "submitit>=1.5",
+        "webdataset>=1.0",
     ],
     extras_require={"test": ["pytest>=8", "pytest-timeout", "diffusers==0.42.1"]},  # diffusers: conversion tests
 )

@@ -1,4 +1,5 @@
 """Lightning callbacks of main.py: run directory set-up, image grids, epoch stats, SIGUSR1 and atomic checkpoints."""
+import glob
 import math
 import os
 import signal
@@ -17,8 +18,9 @@ from pytorch_lightning.plugins.io import TorchCheckpointIO
 from pytorch_lightning.utilities import rank_zero_info
 from torchvision.utils import make_grid
 
-from ldm.checkpoint import save_checkpoint_atomic
+from ldm.checkpoint import CheckpointWriteError, save_checkpoint_atomic
 from ldm.models.sharding import is_sharded
+from ldm.rng import preserved_rng
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -33,7 +35,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = os.fspath(path)
         if storage_options is not None or "://" in path:
             return super().save_checkpoint(checkpoint, path, storage_options)
-        save_checkpoint_atomic(checkpoint, path)
+        try:
+            save_checkpoint_atomic(checkpoint, path)
+        except OSError as err:  # a full disk, a lost mount: say what survived
+            kept = "the previous file is intact" if os.path.exists(path) else "no earlier file existed"
+            raise CheckpointWriteError(err.errno, f"could not write checkpoint {path} ({err.strerror or err}); "
+                                                  f"{kept}") from err
 
     def load_checkpoint(self, path, map_location: Optional[Callable] = lambda storage, loc: storage,
                         weights_only: Optional[bool] = None) -> dict[str, Any]:
@@ -43,7 +50,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 class SetupCallback(Callback):
     """Creates the run directory and saves the merged configs (global rank 0 only).
 
-    On Ctrl+C during fit, saves `<ckptdir>/last.ckpt` so the run can be resumed with `-r`.
+    On Ctrl+C during fit, saves `<ckptdir>/last.ckpt` so the run can be resumed with `-r` (not while the loss
+    is non-finite: see `suspect`). Removes temporary files of checkpoints whose writing was cut short.
     """
 
     def __init__(self, now: str, logdir: str, ckptdir: str, cfgdir: str, config: dict, lightning_config: dict):
@@ -55,6 +63,9 @@ class SetupCallback(Callback):
             return
         for folder in (self.logdir, self.ckptdir, self.cfgdir):
             os.makedirs(folder, exist_ok=True)
+        for stale in sorted(glob.glob(os.path.join(glob.escape(self.ckptdir), ".*.tmp"))):
+            rank_zero_info(f"Removing {stale}: a checkpoint that an earlier run did not finish writing")
+            os.remove(stale)
         OmegaConf.save(OmegaConf.create(self.config), os.path.join(self.cfgdir, f"{self.now}-project.yaml"))
         OmegaConf.save(OmegaConf.create({"lightning": self.lightning_config}),
                        os.path.join(self.cfgdir, f"{self.now}-lightning.yaml"))
@@ -62,7 +73,7 @@ class SetupCallback(Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         # Every DDP rank of the foreground process group receives Ctrl+C, so all reach save_checkpoint's barrier.
-        if isinstance(exception, KeyboardInterrupt) and trainer.state.fn == "fit":
+        if isinstance(exception, KeyboardInterrupt) and trainer.state.fn == "fit" and not suspect(pl_module):
             path = os.path.join(self.ckptdir, "last.ckpt")
             rank_zero_info(f"Interrupted: saving {path}")
             trainer.save_checkpoint(path, weights_only=False)
@@ -124,9 +135,8 @@ class ImageLogger(Callback):
             return
         modes = {module: module.training for module in pl_module.modules()}
         pl_module.eval()
-        cuda = [p.device for p in pl_module.parameters() if p.device.type == "cuda"][:1]
-        try:  # own random state: training draws the same noise on every rank, logging or not
-            with torch.no_grad(), torch.random.fork_rng(devices=cuda):
+        try:
+            with torch.no_grad(), preserved_rng():  # logging leaves the training's random stream alone
                 images = pl_module.log_images(batch, split=split, **self.log_images_kwargs)
         finally:
             for module, mode in modes.items():
@@ -191,15 +201,22 @@ class EpochStats(Callback):
             logger.log_metrics(stats, step=trainer.global_step)
 
 
+def suspect(pl_module: pl.LightningModule) -> bool:
+    """True while the module's loss has been NaN/inf in the latest step(s) (`nonfinite_streak`,
+    ldm.models.nonfinite): its weights may be corrupt, so no checkpoint replaces the last good one."""
+    return getattr(pl_module, "nonfinite_streak", 0) > 0
+
+
 class LastCheckpoint(Callback):
     """Keeps `ckpt_path` (`last.ckpt`) at the latest step, so `-r` continues where training stopped.
 
     Lightning 2's `ModelCheckpoint(save_last=True)` rewrites `last.ckpt` only when a top-k file was
     saved at the same step, so with a monitor it can lag far behind. This writes it (when
-    `periodic`) after every training epoch and validation and when training ends, and, where
-    the platform has SIGUSR1 (not Windows), at the end of the batch during which SIGUSR1 arrived
-    (SLURM's pre-emption warning). A SIGUSR1 handler already installed (Lightning's SLURM
-    auto-requeue) still runs: ours calls it too. Under DDP a signal reaching one rank saves for all.
+    `periodic`) after every training epoch and validation, every `every_n_train_steps` steps (0: never) and
+    when training ends, and, where the platform has SIGUSR1 (not Windows), at the end of the batch during which
+    SIGUSR1 arrived (SLURM's pre-emption warning). A SIGUSR1 handler already installed (Lightning's SLURM
+    auto-requeue) still runs: ours calls it too. Under DDP a signal reaching one rank saves for all. Nothing
+    is written while the loss is non-finite (`suspect`): the file keeps the last good step.
 
     `stop_on_signal` (a submitit job, `signum` its pre-emption signal): after that save every rank stops
     training (`stopped_by_signal`); the handler installed before fit (submitit's requeue) is left to the
@@ -207,16 +224,25 @@ class LastCheckpoint(Callback):
     """
 
     def __init__(self, ckpt_path: str, periodic: bool = True,
-                 signum: Optional[int] = getattr(signal, "SIGUSR1", None), stop_on_signal: bool = False):
+                 signum: Optional[int] = getattr(signal, "SIGUSR1", None), every_n_train_steps: int = 0,
+                 stop_on_signal: bool = False):
+        if every_n_train_steps < 0:
+            raise ValueError(f"LastCheckpoint: every_n_train_steps must be >= 0, got {every_n_train_steps}")
         self.ckpt_path, self.periodic, self.signum, self.stop_on_signal = ckpt_path, periodic, signum, stop_on_signal
+        self.every_n_train_steps = every_n_train_steps
         self.requested, self.stopped_by_signal, self._saved_step = False, False, -1
         self._previous, self._installed = None, False
 
     def save(self, trainer: pl.Trainer, reason: str) -> None:
-        if trainer.global_step != self._saved_step:
-            rank_zero_info(f"Saving {self.ckpt_path} at step {trainer.global_step} ({reason})")
-            trainer.save_checkpoint(self.ckpt_path, weights_only=False)
-            self._saved_step = trainer.global_step
+        if trainer.global_step == self._saved_step:
+            return
+        if suspect(trainer.lightning_module):
+            rank_zero_info(f"Not saving {self.ckpt_path} at step {trainer.global_step} ({reason}): the loss is "
+                           f"non-finite; it keeps step {self._saved_step}")
+            return
+        rank_zero_info(f"Saving {self.ckpt_path} at step {trainer.global_step} ({reason})")
+        trainer.save_checkpoint(self.ckpt_path, weights_only=False)
+        self._saved_step = trainer.global_step
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._saved_step = trainer.global_step  # a resumed run starts from a saved step
@@ -241,6 +267,8 @@ class LastCheckpoint(Callback):
             if self.stop_on_signal:
                 rank_zero_info(f"Stopping training at step {trainer.global_step} (signal {self.signum})")
                 self.stopped_by_signal = trainer.should_stop = True
+        elif self.every_n_train_steps and trainer.global_step % self.every_n_train_steps == 0:
+            self.save(trainer, f"every {self.every_n_train_steps} step(s)")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.periodic:

@@ -41,10 +41,14 @@ class UnsafeCheckpointError(RuntimeError):
     """The file holds Python objects that only arbitrary (code-executing) unpickling can rebuild."""
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (full disk, lost mount); the file it was to replace is unchanged."""
+
+
 class CheckpointMismatchError(RuntimeError):
     """A state dict does not fit the model; `.report` has the details."""
 
-    def __init__(self, message: str, report: "KeyReport"):
+    def __init__(self, message: str, report: "KeyReport | None" = None):
         super().__init__(message)
         self.report = report
 
@@ -120,6 +124,26 @@ def _unsafe_message(path: str, torch_message: str) -> str:
             f"can rebuild. Unpickling runs code chosen by whoever made the file (it could delete or upload your "
             f"files). Pass {UNSAFE_PICKLE_FLAGS} only if you trust its source; better, convert it once on a "
             f"trusted machine to .safetensors (ldm.checkpoint.save_safetensors).")
+
+
+def state_dict_shapes(path: str | os.PathLike, *, allow_pickle: bool = False) -> dict[str, tuple[int, ...]]:
+    """key -> shape of a checkpoint's weights (as read_state_dict finds them), read memory-mapped where the
+    format allows, so even a large file is not copied into memory."""
+    path = _require_file(path)
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+        with safe_open(path, framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    try:
+        with torch.serialization.safe_globals(_METADATA_GLOBALS):
+            obj = torch.load(path, map_location="cpu", weights_only=not (allow_pickle or _UNSAFE_OPT_IN.get()),
+                             mmap=True)
+        sd = obj["state_dict"] if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping) else obj
+        if isinstance(sd, Mapping) and all(isinstance(v, torch.Tensor) for v in sd.values()):
+            return {k: tuple(v.shape) for k, v in sd.items()}
+    except Exception:  # legacy (non-zip) files, unsafe pickles, ...: read_state_dict gives the precise error
+        pass
+    return {k: tuple(v.shape) for k, v in read_state_dict(path, allow_pickle=allow_pickle).items()}
 
 
 def read_state_dict(path: str | os.PathLike, *, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
@@ -266,12 +290,14 @@ def group_keys(keys: Iterable[str], what: str, limit: int = 20) -> list[str]:
     return lines
 
 
-def compare_state_dict(expected: Mapping[str, torch.Size | tuple], found: Mapping[str, torch.Tensor]) -> KeyReport:
-    """Missing / unexpected keys and shape mismatches of `found` (a file's state dict) against `expected`
-    (the model's key -> shape)."""
+def compare_state_dict(expected: Mapping[str, torch.Size | tuple],
+                       found: Mapping[str, torch.Tensor | torch.Size | tuple]) -> KeyReport:
+    """Missing / unexpected keys and shape mismatches of `found` (a file's state dict, or its key -> shape)
+    against `expected` (the model's key -> shape)."""
     report = KeyReport()
     report.missing = [k for k in expected if k not in found]
     report.unexpected = [k for k in found if k not in expected]
-    report.mismatched = [(k, tuple(v.shape), tuple(expected[k])) for k, v in found.items()
-                         if k in expected and tuple(v.shape) != tuple(expected[k])]
+    shapes = {k: tuple(getattr(v, "shape", v)) for k, v in found.items()}
+    report.mismatched = [(k, shape, tuple(expected[k])) for k, shape in shapes.items()
+                         if k in expected and shape != tuple(expected[k])]
     return report

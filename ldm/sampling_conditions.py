@@ -250,6 +250,12 @@ def text_conditions(opt: argparse.Namespace, model: nn.Module, config: DictConfi
         if not lines:
             raise SamplingError(f"--prompts {opt.prompts_file!r}: the file holds no prompt")
         prompts += lines
+    check = getattr(model.cond_stage_model, "check_length", None)
+    if callable(check):
+        try:
+            check(prompts)
+        except ValueError as err:
+            raise SamplingError(f"--prompt: {err}") from None
     return [Condition(encoded(model, [p]), {"prompt": p}, slugify(p) or "empty-prompt") for p in prompts]
 
 

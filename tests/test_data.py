@@ -9,11 +9,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
-from torch.utils.data import RandomSampler, SequentialSampler
+from torch.utils.data import SequentialSampler
 
 from ldm.data.datamodule import DataModuleFromConfig
 from ldm.data.image_folder import ImageFolder
 from ldm.data.photos import TRAIN_PHOTOS, VALIDATION_PHOTOS, Photos, load_photo
+from ldm.data.sampler import ResumableSampler
 from ldm.data.shapes import COLORS, SHAPE_CLASSES, Shapes
 from ldm.util import ConfigError, instantiate_from_config
 
@@ -336,7 +337,7 @@ def test_datamodule_batches_with_default_collate(tmp_path):
                                  "params": {"root": str(tmp_path), "size": 16, "max_objects": 3}})
     dm.setup("fit")
     train = dm.train_dataloader()
-    assert isinstance(train.sampler, RandomSampler)
+    assert isinstance(train.sampler, ResumableSampler) and train.sampler.shuffle
     batch = next(iter(train))
     assert batch["image"].shape == (4, 3, 32, 32) and batch["class_label"].shape == (4,)
     assert batch["objects"].shape == (4, 4, 5) and batch["segmentation"].shape == (4, 32, 32)

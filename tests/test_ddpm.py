@@ -130,11 +130,14 @@ def test_snr_gamma_weights_the_loss_per_timestep_and_is_not_saved():
 def test_ema_update_and_scope_swap_and_restore_weights():
     model = make_ddpm(ema_decay=0.9)
     opt = torch.optim.SGD(model.trainable_parameters(), lr=0.1)
-    for i in range(3):
+    def closure(i: int) -> torch.Tensor:  # what Lightning hands to optimizer_step: training_step and backward
         opt.zero_grad()
-        model.training_step({"image": images(seed=i)}, i).backward()
-        opt.step()
-        model.update_ema()
+        loss = model.training_step({"image": images(seed=i)}, i)
+        loss.backward()
+        return loss
+
+    for i in range(3):
+        model.optimizer_step(0, i, opt, lambda: closure(i))  # the optimizer step, then the EMA update
     assert int(model.model_ema.num_updates) == 3
     trained = {k: v.clone() for k, v in model.model.named_parameters()}
     shadow = dict(model.model_ema.named_buffers())

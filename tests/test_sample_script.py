@@ -216,6 +216,10 @@ def test_inputs_that_do_not_fit_the_model_are_one_clear_error(runs, tmp_path, ca
         (["--run", ddpm, "--scale", 3], "classifier-free guidance needs a conditional model"),
         (["--run", text], "--prompt/--prompts missing: the model is a text-conditional model"),
         (["--run", text, "--prompt", "x", "--class", "1"], "--class does not fit this model"),
+        (["--run", text, "--prompt", "a red circle", "--prompt", "a red circle" + " and a blue square" * 8],
+         "--prompt: prompt 'a red circle and a blue square and a blue square and a blue square and a blue...' is 37 "
+         "tokens long; the text encoder (FrozenTextEmbedder) reads at most 32 (special tokens included) and would cut "
+         "the rest: shorten it"),
         (["--run", runs("ldm_shapes_class_tiny.yaml"), "--prompt", "x"],
          "--prompt/--prompts does not fit this model: it is a class-conditional model"),
         (["--run", runs("ldm_photos_inpaint_tiny.yaml"), "--image", "photo.png"], "--mask missing"),

@@ -1,4 +1,5 @@
 """A tiny LightningModule and dataset for the main.py / callback tests (seconds on CPU)."""
+import hashlib
 import os
 import signal
 import time
@@ -94,3 +95,18 @@ class SlowSteps(pl.Callback):
             f.write(str(trainer.global_step))
         if os.path.exists(self.marker):
             time.sleep(self.delay)
+
+
+class LossLog(pl.Callback):
+    """Appends one line per training batch to `path`: global step, epoch, a digest of the batch's images and
+    the exact bits (float.hex) of each logged metric in `keys` (for the bit-exact resume tests)."""
+
+    def __init__(self, path: str, keys: list[str], image_key: str = "image"):
+        self.path, self.keys, self.image_key = path, list(keys), image_key
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        digest = hashlib.sha1(batch[self.image_key].detach().cpu().numpy().tobytes()).hexdigest()[:12]
+        values = [float(trainer.callback_metrics[k]).hex() if k in trainer.callback_metrics else "-"
+                  for k in self.keys]
+        with open(self.path, "a") as f:
+            f.write(f"{trainer.global_step} {trainer.current_epoch} {digest} {' '.join(values)}\n")

@@ -11,6 +11,7 @@ Boxes are normalised to the original picture and follow every resize, crop and f
 """
 import json
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
-from ldm.data.transforms import call_rng, pad_objects, square_crop, to_rgb, to_tensor
+from ldm.data.transforms import call_rng, index_salt, pad_objects, square_crop, to_rgb, to_tensor
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 METADATA_FILE = "metadata.jsonl"
@@ -46,12 +47,10 @@ class ImageFolder(torch.utils.data.Dataset):
                  class_labels: bool = True,             # label by first-level sub-folder
                  max_objects: int = 30,                 # rows of `objects` (padding class -1)
                  seed: int = 0):                        # mixed into the per-call crop RNG
-        if crop not in ("random", "center"):
-            raise ValueError(f"ImageFolder: crop must be 'random' or 'center', got {crop!r}")
-        if size <= 0:
-            raise ValueError(f"ImageFolder: size must be positive, got {size}")
+        check_view("ImageFolder", size, crop)
         self.root = Path(root).expanduser()
         self.size, self.crop, self.flip, self.resize = size, crop, flip, resize
+        self.view = ImageView(size, crop, flip, resize)
         self.max_objects, self.seed = max_objects, seed
         self.extensions = tuple(e.lower() if e.startswith(".") else "." + e.lower()
                                 for e in (extensions or IMAGE_EXTENSIONS))
@@ -74,11 +73,12 @@ class ImageFolder(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         if not 0 <= i < len(self):
             raise IndexError(f"ImageFolder index {i} out of range for {len(self)} images")
+        salt = index_salt(i)  # one augmentation seed, also for the picture that replaces an unreadable one
         for j in [k % len(self) for k in range(i, i + len(self))]:
             if j in self._bad:
                 continue
             try:
-                return self._load(j)
+                return self._load(j, salt)
             except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
                 self._skip(j, err)
         raise RuntimeError(f"ImageFolder: no readable image left under {self.root}")
@@ -89,20 +89,47 @@ class ImageFolder(torch.utils.data.Dataset):
         warnings.warn(f"ImageFolder: skipping unreadable image {self.paths[j]} ({type(err).__name__}: {err})",
                       stacklevel=3)
 
-    def _load(self, j: int) -> dict[str, Any]:
+    def _load(self, j: int, salt: int) -> dict[str, Any]:
         with Image.open(self.paths[j]) as img:
-            if self.resize:
-                img.draft(img.mode, (self.size, self.size))  # JPEG: decode at a reduced scale when possible
-            img = to_rgb(ImageOps.exif_transpose(img))
-        rng = call_rng(self.seed, j)
+            img = self.view.open(img)
+        return self.view.sample(img, call_rng(self.seed, j, salt), self.labels[j], self.captions[j],
+                                self.boxes[j] if self.has_boxes else None, self.max_objects)
+
+
+def check_view(owner: str, size: int, crop: str) -> None:
+    if crop not in ("random", "center"):
+        raise ValueError(f"{owner}: crop must be 'random' or 'center', got {crop!r}")
+    if size <= 0:
+        raise ValueError(f"{owner}: size must be positive, got {size}")
+
+
+@dataclass(frozen=True)
+class ImageView:
+    """How a picture becomes a training sample (ImageFolder, ImageShards): shorter side -> size (`resize`),
+    a size x size crop at random or in the centre, mirrored with p = 0.5 when `flip`; boxes follow."""
+    size: int
+    crop: str = "random"
+    flip: bool = True
+    resize: bool = True
+
+    def open(self, img: Image.Image) -> Image.Image:
+        """A freshly opened PIL image -> RGB, EXIF orientation applied (JPEGs decoded at a reduced scale if
+        that still covers `size`)."""
+        if self.resize:
+            img.draft(img.mode, (self.size, self.size))
+        return to_rgb(ImageOps.exif_transpose(img))
+
+    def sample(self, img: Image.Image, rng: np.random.Generator, label: int, caption: str,
+               boxes: np.ndarray | None, max_objects: int) -> dict[str, Any]:
+        """{image, class_label, caption[, objects]} (docs/ARCHITECTURE.md batch format); objects when boxes given."""
         w, h = img.size
         side = min(w, h) if self.resize else self.size
         crop = square_crop(w, h, side, rng, center=self.crop == "center", flip=self.flip)
         sample = {"image": to_tensor(crop.apply(img, self.size)),
-                  "class_label": torch.tensor(self.labels[j], dtype=torch.int64),
-                  "caption": self.captions[j]}
-        if self.has_boxes:
-            sample["objects"] = pad_objects(crop.apply_boxes(self.boxes[j]), self.max_objects)
+                  "class_label": torch.tensor(label, dtype=torch.int64),
+                  "caption": caption}
+        if boxes is not None:
+            sample["objects"] = pad_objects(crop.apply_boxes(boxes), max_objects)
         return sample
 
 

@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from ldm.data.transforms import call_rng
 from ldm.util import instantiate_from_config
 
+MASK_STREAM = 1  # call_rng stream of the masks: independent of the wrapped dataset's crop under one SeededIndex
+
 
 def _dataset(dataset: Mapping | torch.utils.data.Dataset, owner: str) -> torch.utils.data.Dataset:
     if isinstance(dataset, Mapping):
@@ -67,7 +69,7 @@ class Inpainting(torch.utils.data.Dataset):
     """Adds `mask_key` (1, H, W) in {0, 1} (1 = hole, random boxes) and `masked_image_key` = image * (1 - mask).
 
     fixed_masks: the mask is a function of (seed, index) (validation); otherwise a new mask on every call,
-    reproducible under torch.manual_seed (see transforms.call_rng).
+    reproducible under torch.manual_seed or from a SeededIndex (see transforms.call_rng).
     """
 
     def __init__(self, dataset: Mapping | torch.utils.data.Dataset, image_key: str = "image", mask_key: str = "mask",
@@ -87,7 +89,7 @@ class Inpainting(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         sample = dict(self.dataset[i])
         image = _image(sample, self.image_key, "Inpainting")                   # (3, H, W)
-        rng = np.random.default_rng([self.seed, i]) if self.fixed_masks else call_rng(self.seed, i)
+        rng = np.random.default_rng([self.seed, i]) if self.fixed_masks else call_rng(self.seed, i, stream=MASK_STREAM)
         mask = random_box_mask(tuple(image.shape[-2:]), rng, self.max_boxes, self.min_extent, self.max_extent)
         sample[self.mask_key] = mask                                            # (1, H, W)
         sample[self.masked_image_key] = image * (1.0 - mask)                    # (3, H, W), holes at 0

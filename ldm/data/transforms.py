@@ -33,14 +33,26 @@ def to_tensor(img: Image.Image | np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))  # (3, H, W)
 
 
-def call_rng(seed: int, index: int) -> np.random.Generator:
-    """A fresh generator per __getitem__ call: differs between calls, reproducible under torch.manual_seed.
+def index_salt(index: int) -> int:
+    """The seed of one sample's random augmentation: carried by a `SeededIndex` (ResumableSampler: a pure
+    function of seed, epoch and position), else drawn from torch's global RNG.
 
-    DataLoader workers seed torch's global RNG from the base seed and the worker id, so the draw
-    below is reproducible per (seed_everything, worker) while still changing every call.
+    DataLoader workers seed torch's global RNG from the base seed and the worker id, so a draw is reproducible
+    per (seed_everything, worker) while still changing every call; only seeded indices make it independent of
+    the worker, the prefetching and a restart.
     """
-    salt = int(torch.randint(0, 2**62, ()).item())
-    return np.random.default_rng([seed, index, salt])
+    salt = getattr(index, "salt", None)
+    return int(torch.randint(0, 2**62, ()).item()) if salt is None else salt
+
+
+def call_rng(seed: int, index: int, salt: int | None = None, stream: int = 0) -> np.random.Generator:
+    """A fresh generator per __getitem__ call, from (dataset seed, index, salt); salt default: index_salt(index).
+
+    `stream` separates the draws of datasets stacked on one index (a wrapper's mask, its base dataset's crop),
+    which share a SeededIndex's salt.
+    """
+    entropy = [seed, int(index), index_salt(index) if salt is None else salt] + ([stream] if stream else [])
+    return np.random.default_rng(entropy)
 
 
 @dataclass(frozen=True)

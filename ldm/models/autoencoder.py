@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from pytorch_lightning.utilities import rank_zero_info
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
-from ldm.checkpoint import read_state_dict
+from ldm.checkpoint import CheckpointMismatchError, read_state_dict
+from ldm.models.nonfinite import NonFiniteGuard
 from ldm.modules.autoencoder import Decoder, Encoder
 from ldm.modules.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma, ema_scope
@@ -39,9 +40,11 @@ class AutoencoderBase(pl.LightningModule):
                  colorize_nlabels: int | None = None, monitor: str | None = None, use_ema: bool = False,
                  ema_decay: float = 0.9999, grad_clip: float | None = None, lr_warmup_steps: int = 0,
                  lr_g_factor: float = 1.0, scheduler_config: Mapping | None = None,
-                 batch_resize_range: Sequence[int] | None = None):
+                 batch_resize_range: Sequence[int] | None = None, max_nonfinite_steps: int = 10):
         super().__init__()
         self.automatic_optimization = False
+        self.nonfinite = NonFiniteGuard(max_nonfinite_steps)         # generator loss
+        self.nonfinite_disc = NonFiniteGuard(max_nonfinite_steps)    # discriminator loss
         self.image_key, self.embed_dim, self.monitor = image_key, embed_dim, monitor
         self.in_channels = ddconfig["in_channels"]
         self.encoder = Encoder(**ddconfig)
@@ -104,11 +107,11 @@ class AutoencoderBase(pl.LightningModule):
         try:
             result = self.load_state_dict(sd, strict=False)
         except RuntimeError as err:
-            raise RuntimeError(f"checkpoint {path!r} does not fit {type(self).__name__}: {err}") from err
+            raise CheckpointMismatchError(f"checkpoint {path!r} does not fit {type(self).__name__}: {err}") from err
         missing = [k for k in result.missing_keys if not ((ignore and k.startswith(ignore)) or k.startswith("loss.")
                                                           or (k.startswith("model_ema.") and not ema_in_file))]
         if missing or result.unexpected_keys:
-            raise RuntimeError(f"checkpoint {path!r} does not fit {type(self).__name__}: "
+            raise CheckpointMismatchError(f"checkpoint {path!r} does not fit {type(self).__name__}: "
                                f"{len(missing)} missing key(s) {missing[:10]}, {len(result.unexpected_keys)} "
                                f"unexpected key(s) {result.unexpected_keys[:10]} (use ignore_keys to skip prefixes)")
         if self.use_ema and not ema_in_file:
@@ -193,6 +196,8 @@ class AutoencoderBase(pl.LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val=self.grad_clip, gradient_clip_algorithm="norm")
 
     def training_step(self, batch, batch_idx):
+        """Generator step, then (once active) discriminator step, then the EMA update. A NaN/inf generator loss
+        skips the whole step (global_step does not advance), a NaN/inf discriminator loss the discriminator's."""
         step = self.global_step                                    # batches trained so far
         opt_g, opt_d = self.optimizers()
         self._set_lr(opt_g, opt_d, step)
@@ -200,17 +205,20 @@ class AutoencoderBase(pl.LightningModule):
         with self.toggled_optimizer(opt_g):                        # no discriminator grads in the generator step
             g_loss, log_g = self.loss.generator_loss(x, xrec, reg_loss, step, last_layer=self.get_last_layer(),
                                                      split="train")
+            self.log("train/aeloss", g_loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
+            if not self.nonfinite.finite(self, g_loss, "generator loss"):
+                return
             opt_g.zero_grad(set_to_none=True)
             self.manual_backward(g_loss)
             opt_g.step()                                           # global_step += 1
         log = {f"train/{k}": v for k, v in logs.items()} | dict(log_g)
         if self.loss.disc_active(step):
             d_loss, log_d = self.loss.discriminator_loss(x, xrec.detach(), step, split="train")
-            opt_d.zero_grad(set_to_none=True)
-            self.manual_backward(d_loss)
-            self._step_without_progress(opt_d)
+            if self.nonfinite_disc.finite(self, d_loss, "discriminator loss"):
+                opt_d.zero_grad(set_to_none=True)
+                self.manual_backward(d_loss)
+                self._step_without_progress(opt_d)
             log.update(log_d)
-        self.log("train/aeloss", g_loss.detach(), prog_bar=True, on_step=True, on_epoch=False)
         self.log_dict({k: v.detach() if torch.is_tensor(v) else v for k, v in log.items()},
                       on_step=True, on_epoch=False)
         self.update_ema()  # in the step: checkpoints written at the end of the batch hold this step's EMA
@@ -218,6 +226,11 @@ class AutoencoderBase(pl.LightningModule):
     def update_ema(self) -> None:
         if self.use_ema:
             self.model_ema(self._ema_targets())
+
+    @property
+    def nonfinite_streak(self) -> int:
+        """Steps in a row with a NaN/inf loss (0 after a good step): LastCheckpoint saves only at 0."""
+        return max(self.nonfinite.streak, self.nonfinite_disc.streak)
 
     # ---- validation and images --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -281,11 +294,11 @@ class AutoencoderKL(AutoencoderBase):
                  monitor: str | None = None, use_ema: bool = False, ema_decay: float = 0.9999,
                  grad_clip: float | None = None, lr_warmup_steps: int = 0, lr_g_factor: float = 1.0,
                  scheduler_config: Mapping | None = None, batch_resize_range: Sequence[int] | None = None,
-                 posterior_logvar_init: float | None = None):
+                 posterior_logvar_init: float | None = None, max_nonfinite_steps: int = 10):
         super().__init__(ddconfig, lossconfig, embed_dim, image_key=image_key, colorize_nlabels=colorize_nlabels,
                          monitor=monitor, use_ema=use_ema, ema_decay=ema_decay, grad_clip=grad_clip,
                          lr_warmup_steps=lr_warmup_steps, lr_g_factor=lr_g_factor, scheduler_config=scheduler_config,
-                         batch_resize_range=batch_resize_range)
+                         batch_resize_range=batch_resize_range, max_nonfinite_steps=max_nonfinite_steps)
         if not ddconfig.get("double_z", True):
             raise ConfigError("AutoencoderKL: ddconfig.double_z must be true (the encoder outputs mean and logvar)")
         z_channels = ddconfig["z_channels"]
@@ -336,11 +349,12 @@ class VQModel(AutoencoderBase):
                  sane_index_shape: bool = False, use_ema: bool = False, ema_decay: float = 0.9999,
                  lr_g_factor: float = 1.0, batch_resize_range: Sequence[int] | None = None,
                  scheduler_config: Mapping | None = None, grad_clip: float | None = None, lr_warmup_steps: int = 0,
-                 beta: float = 0.25, vq_legacy: bool = True, restart_unused_after: int | None = 200):
+                 beta: float = 0.25, vq_legacy: bool = True, restart_unused_after: int | None = 200,
+                 max_nonfinite_steps: int = 10):
         super().__init__(ddconfig, lossconfig, embed_dim, image_key=image_key, colorize_nlabels=colorize_nlabels,
                          monitor=monitor, use_ema=use_ema, ema_decay=ema_decay, grad_clip=grad_clip,
                          lr_warmup_steps=lr_warmup_steps, lr_g_factor=lr_g_factor, scheduler_config=scheduler_config,
-                         batch_resize_range=batch_resize_range)
+                         batch_resize_range=batch_resize_range, max_nonfinite_steps=max_nonfinite_steps)
         if ddconfig.get("double_z", False):
             raise ConfigError("VQModel: ddconfig.double_z must be false (the encoder outputs one latent)")
         z_channels = ddconfig["z_channels"]

@@ -14,7 +14,7 @@ import torch.nn as nn
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 
 from ldm import visualization
-from ldm.checkpoint import read_state_dict
+from ldm.checkpoint import CheckpointMismatchError, read_state_dict
 from ldm.diffusion import (BUFFER_NAMES, PARAMETERIZATIONS, CFGDenoiser, DiffusionSchedule, lvlb_weights,
                            make_schedule, q_sample, sample_timesteps, target_for, training_loss)
 from ldm.diffusion.losses import LOSS_TYPES, min_snr_weights
@@ -22,6 +22,7 @@ from ldm.diffusion.sampling import SAMPLERS, check_sampler, run_sampler  # noqa:
 from ldm.lr_schedules import COMPVIS_SCHEDULES, linear_cycle_schedule  # noqa: F401 (re-exported)
 from ldm.models.diffusion_wrapper import DiffusionWrapper
 from ldm.models.sharding import shard_diffusion_model
+from ldm.models.nonfinite import NonFiniteGuard
 from ldm.modules.ema import LitEma, ema_scope
 from ldm.util import ConfigError, check_params, get_obj_from_str, instantiate_from_config
 
@@ -34,7 +35,10 @@ class DDPM(pl.LightningModule):
     """Unconditional diffusion on images batch[first_stage_key] (B, channels, image_size, image_size) in [-1, 1].
 
     Ours beyond CompVis: `ema_decay`, `lr_warmup_steps` (linear LR warm-up), `weight_decay` (AdamW), `snr_gamma`
-    (min-SNR-gamma loss weighting, ldm.diffusion.losses.min_snr_weights; None: plain L_simple).
+    (min-SNR-gamma loss weighting, ldm.diffusion.losses.min_snr_weights; None: plain L_simple),
+    `max_nonfinite_steps` (a NaN/inf loss skips its optimizer step; that many in a row stop training:
+    ldm.models.nonfinite). The EMA is updated after each optimizer step (CompVis: after each batch; the same
+    without gradient accumulation), inside the step, so a checkpoint written at the end of a batch holds it.
     """
 
     conditional = False  # LatentDiffusion routes conditions; a pixel-space DDPM has none
@@ -49,7 +53,7 @@ class DDPM(pl.LightningModule):
                  parameterization: str = "eps", scheduler_config: Mapping | None = None,
                  use_positional_encodings: bool = False, learn_logvar: bool = False, logvar_init: float = 0.0,
                  ema_decay: float = 0.9999, lr_warmup_steps: int = 0, weight_decay: float = 0.01,
-                 snr_gamma: float | None = None):
+                 snr_gamma: float | None = None, max_nonfinite_steps: int = 10):
         super().__init__()
         _check_choice("parameterization", parameterization, PARAMETERIZATIONS)
         _check_choice("loss_type", loss_type, LOSS_TYPES)
@@ -78,6 +82,8 @@ class DDPM(pl.LightningModule):
             self.logvar = nn.Parameter(logvar)
         else:  # not a checkpoint key (SD 1.x has none)
             self.register_buffer("logvar", logvar, persistent=False)
+        self.nonfinite = NonFiniteGuard(max_nonfinite_steps)
+        self._skip_step = False                      # a non-finite loss since the last optimizer step
         self.use_ema, self.ema_decay, self._in_ema_scope = use_ema, ema_decay, False
         if use_ema:
             self.model_ema = LitEma(self._ema_targets(), decay=ema_decay)
@@ -126,14 +132,14 @@ class DDPM(pl.LightningModule):
         try:
             result = target.load_state_dict(sd, strict=False)
         except RuntimeError as err:
-            raise RuntimeError(f"checkpoint {path!r} does not fit {type(self).__name__}: {err}") from err
+            raise CheckpointMismatchError(f"checkpoint {path!r} does not fit {type(self).__name__}: {err}") from err
         missing = [k for k in result.missing_keys
                    if not ((ignore and k.startswith(ignore)) or (k.startswith("model_ema.") and not ema_in_file))]
         if missing or result.unexpected_keys:
-            raise RuntimeError(f"checkpoint {path!r} does not fit {type(self).__name__}: {len(missing)} missing key(s) "
-                               f"{missing[:10]}, {len(result.unexpected_keys)} unexpected key(s) "
-                               f"{result.unexpected_keys[:10]} (ignore_keys skips prefixes; load_only_unet loads "
-                               f"only model.diffusion_model.*)")
+            raise CheckpointMismatchError(f"checkpoint {path!r} does not fit {type(self).__name__}: {len(missing)} "
+                                          f"missing key(s) {missing[:10]}, {len(result.unexpected_keys)} unexpected "
+                                          f"key(s) {result.unexpected_keys[:10]} (ignore_keys skips prefixes; "
+                                          f"load_only_unet loads only model.diffusion_model.*)")
         if self.use_ema and not ema_in_file:
             self.model_ema = LitEma(self._ema_targets(), decay=self.ema_decay)
         rank_zero_info(f"Restored {type(self).__name__} from {path}: {len(sd)} keys"
@@ -182,6 +188,7 @@ class DDPM(pl.LightningModule):
     def training_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
         x0, cond = self.get_input(batch)
         loss, logs = self.p_losses(x0, cond)
+        self._skip_step |= not self.nonfinite.finite(self, loss)
         self.log_dict({f"train/{k}": v for k, v in logs.items()}, prog_bar=True, on_step=True, on_epoch=False,
                       batch_size=len(x0))
         return loss
@@ -195,15 +202,25 @@ class DDPM(pl.LightningModule):
         """FSDP2 over `mesh` (ldm.models.sharding)."""
         shard_diffusion_model(self, mesh)
 
-    def optimizer_step(self, *args, **kwargs) -> None:
-        """The optimizer step, then the EMA update: checkpoints written at the end of the batch (the pre-emption
-        save, ModelCheckpoint's every_n_train_steps) hold the EMA of the same step."""
-        super().optimizer_step(*args, **kwargs)
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
+        """Lightning's step (closure: training_step and backward), not taken when a loss since the last step was
+        non-finite; then the EMA update, so that checkpoints written at the end of the batch (the pre-emption save,
+        ModelCheckpoint's every_n_train_steps) hold the EMA of the same step."""
+        loss = optimizer_closure()
+        if self._skip_step:
+            self._skip_step = False
+            return
+        optimizer.step(closure=lambda: loss)
         self.update_ema()
 
     def update_ema(self) -> None:
         if self.use_ema:
             self.model_ema(self._ema_targets())
+
+    @property
+    def nonfinite_streak(self) -> int:
+        """Training steps in a row whose loss was NaN/inf (0 after a good step): LastCheckpoint saves only at 0."""
+        return self.nonfinite.streak
 
     @torch.no_grad()
     def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> None:

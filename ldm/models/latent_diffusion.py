@@ -38,7 +38,8 @@ class LatentDiffusion(DDPM):
     {concat|crossattn|adm: p}); `masked_image_key`/`mask_key` (inpainting condition); `allow_random_first_stage`
     (build without first-stage weights, and without the pretrained weights of a conditioner whose class has
     `params_when_restored` (OpenCLIP), for tests and when a checkpoint brings them, as with `ckpt_path`);
-    `ema_decay`, `lr_warmup_steps`, `weight_decay`;
+    `ema_decay`, `lr_warmup_steps`, `weight_decay`,
+    `max_nonfinite_steps`;
     `first_stage_cache_size` (keep the frozen encoder's output for this many images, `FirstStageCache`: each
     epoch after the first skips the encoder; 0, the default, encodes every batch).
     """
@@ -61,7 +62,7 @@ class LatentDiffusion(DDPM):
                  scheduler_config: Mapping | None = None, use_positional_encodings: bool = False,
                  learn_logvar: bool = False, logvar_init: float = 0.0, ema_decay: float = 0.9999,
                  lr_warmup_steps: int = 0, weight_decay: float = 0.01, snr_gamma: float | None = None,
-                 first_stage_cache_size: int = 0):
+                 first_stage_cache_size: int = 0, max_nonfinite_steps: int = 10):
         if unet_config is None:
             raise ConfigError("model.params.unet_config is missing")
         if num_timesteps_cond not in (None, 1):
@@ -85,7 +86,7 @@ class LatentDiffusion(DDPM):
                          parameterization=parameterization, scheduler_config=scheduler_config,
                          use_positional_encodings=use_positional_encodings, learn_logvar=learn_logvar,
                          logvar_init=logvar_init, ema_decay=ema_decay, lr_warmup_steps=lr_warmup_steps,
-                         weight_decay=weight_decay, snr_gamma=snr_gamma)
+                         weight_decay=weight_decay, snr_gamma=snr_gamma, max_nonfinite_steps=max_nonfinite_steps)
         # ckpt_path: loaded below, once every stage exists
         self.conditioning_key, self.cond_stage_key = conditioning_key, cond_stage_key
         self.masked_image_key, self.mask_key = masked_image_key, mask_key

@@ -25,6 +25,15 @@ def _check_ignored(owner: str, ignored: dict[str, Any]) -> None:
         raise ConfigError(f"{owner}: unknown ddconfig key(s) {unknown}; accepted: {sorted(DDCONFIG_KEYS)}")
 
 
+def check_multiple_of_f(x: torch.Tensor, f: int, owner: str) -> None:
+    """ValueError unless the input's height and width are multiples of the downsampling factor f."""
+    h, w = x.shape[-2:]
+    if h % f or w % f:
+        raise ValueError(f"{owner}: image size {h}x{w} (HxW) is not a multiple of the downsampling factor f={f} "
+                         f"(2 ** (len(ch_mult) - 1)); crop or resize the images to multiples of {f}, e.g. "
+                         f"{max(f, h // f * f)}x{max(f, w // f * f)} (data.params.*.params.size)")
+
+
 def make_attn(channels: int, attn_type: str, norm_type: str = "group") -> nn.Module:
     """`vanilla` (also CompVis' `vanilla-xformers`: same weights) self-attention, or `none` (identity)."""
     if attn_type in ("vanilla", "vanilla-xformers"):
@@ -85,6 +94,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor, return_features: bool = False):
         """Moments, and with return_features the per-level features: level L is (B, ch*ch_mult[L], H/2^L, W/2^L),
         taken after the level's blocks, before its downsampling."""
+        check_multiple_of_f(x, self.downsampling_factor, "Encoder")
         features = []
         h = self.conv_in(x)                                        # (B, ch, H, W)
         for i_level, level in enumerate(self.down):

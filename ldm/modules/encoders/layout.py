@@ -82,6 +82,14 @@ class LayoutEmbedder(nn.Module):
         if bad.any():
             raise ValueError(f"LayoutEmbedder: object classes must be -1 (padding) or in [0, {self.n_classes}), "
                              f"got {sorted(set(classes[bad].tolist()))}")
+        rows = objects[classes >= 0]                                          # (N, 5) real objects
+        x0, y0, x1, y1 = rows[:, 1], rows[:, 2], rows[:, 3], rows[:, 4]
+        outside = ((rows[:, 1:] < 0) | (rows[:, 1:] > 1)).any(dim=1) | (x0 > x1) | (y0 > y1)
+        if outside.any():
+            first = [round(v, 4) for v in rows[outside][0].tolist()]
+            raise ValueError(f"LayoutEmbedder: {int(outside.sum())} box(es) outside [0, 1] or with x0 > x1 / y0 > "
+                             f"y1, e.g. (class, x0, y0, x1, y1) = {tuple(first)}; corners are fractions of the "
+                             f"image width and height, 0 <= x0 <= x1 <= 1 and 0 <= y0 <= y1 <= 1")
 
     def tokenize(self, objects: torch.Tensor) -> torch.Tensor:
         """Token ids (B, 3·max_objects): per object [class, top-left, bottom-right]; pads at the end."""

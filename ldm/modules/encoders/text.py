@@ -2,6 +2,7 @@
 import importlib.resources
 import importlib.util
 import os
+import warnings
 from typing import Sequence
 
 import torch
@@ -46,6 +47,23 @@ def load_tokenizer(name_or_path: str | None, owner: str):
         return AutoTokenizer.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
         raise _not_found(f"{owner}.tokenizer", name_or_path, err) from err
+
+
+def overlong(tokenizer, captions: Sequence[str], max_length: int) -> list[tuple[str, int]]:
+    """(caption, token count incl. special tokens) of each caption longer than `max_length` tokens."""
+    counts = [len(ids) for ids in tokenizer(list(captions), truncation=False)["input_ids"]]
+    return [(c, n) for c, n in zip(captions, counts) if n > max_length]
+
+
+def check_prompt_length(tokenizer, captions: Sequence[str], max_length: int, owner: str) -> None:
+    """ValueError naming the first prompt longer than the encoder reads (it would be cut silently)."""
+    long = overlong(tokenizer, captions, max_length)
+    if long:
+        text, n = long[0]
+        shown = text if len(text) <= 80 else text[:77] + "..."
+        raise ValueError(f"prompt {shown!r} is {n} tokens long; the text encoder ({owner}) reads at most "
+                         f"{max_length} (special tokens included) and would cut the rest: shorten it"
+                         + (f" ({len(long)} prompts are too long)" if len(long) > 1 else ""))
 
 
 def _model_class(model_class: str):
@@ -130,6 +148,7 @@ class FrozenTextEmbedder(nn.Module):
         if model_class == "clip":
             self.register_load_state_dict_pre_hook(_map_clip_keys)
         self.cache_size = cache_size
+        self._warned_long = False
         self._cache = LRUMemo(cache_size)                              # caption -> (L, D)
         self.register_load_state_dict_post_hook(lambda module, _: module._cache.clear())
 
@@ -154,9 +173,21 @@ class FrozenTextEmbedder(nn.Module):
                             f"with items {sorted({type(t).__name__ for t in text})}")
         return list(text)
 
+    def check_length(self, text: Sequence[str] | str) -> None:
+        """ValueError naming a prompt longer than max_length tokens (sampling: nothing is cut silently)."""
+        check_prompt_length(self.tokenizer, self.captions(text), self.max_length, "FrozenTextEmbedder")
+
     def tokenize(self, text: Sequence[str]) -> dict[str, torch.Tensor]:
-        """input_ids and attention_mask, each (B, max_length)."""
-        batch = self.tokenizer(self.captions(text), padding="max_length", truncation=True,
+        """input_ids and attention_mask, each (B, max_length); longer captions are cut (training data, as
+        CompVis / SD), with one warning the first time (`check_length` refuses them instead)."""
+        text = self.captions(text)
+        if not self._warned_long:
+            long = overlong(self.tokenizer, text, self.max_length)
+            if long:
+                self._warned_long = True
+                warnings.warn(f"FrozenTextEmbedder: caption {long[0][0][:80]!r} has {long[0][1]} tokens; captions "
+                              f"are cut to max_length={self.max_length} (warned once)", stacklevel=2)
+        batch = self.tokenizer(text, padding="max_length", truncation=True,
                                max_length=self.max_length, return_tensors="pt")
         return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from ldm.modules.encoders.text import load_tokenizer
+from ldm.modules.encoders.text import check_prompt_length, load_tokenizer
 from ldm.util import ConfigError
 
 
@@ -147,8 +147,14 @@ class TransformerTextEmbedder(nn.Module):
         self.transformer = TransformerEncoder(vocab_size, max_seq_len, n_embed, n_layer,
                                               heads=heads, dim_head=dim_head, emb_dropout=embedding_dropout)
 
+    def check_length(self, text: Sequence[str] | str) -> None:
+        """ValueError naming a prompt longer than max_seq_len tokens (sampling: nothing is cut silently)."""
+        if self.tokenizer is not None:
+            check_prompt_length(self.tokenizer, [text] if isinstance(text, str) else list(text), self.max_seq_len,
+                                "TransformerTextEmbedder")
+
     def tokenize(self, text: Sequence[str]) -> torch.Tensor:
-        """Token ids (B, max_seq_len)."""
+        """Token ids (B, max_seq_len); longer captions are cut (training data, as CompVis)."""
         if isinstance(text, str):
             text = [text]
         if not all(isinstance(t, str) for t in text):
