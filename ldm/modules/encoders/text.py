@@ -7,7 +7,8 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-from transformers import AutoConfig, AutoModel, AutoTokenizer, CLIPTextConfig, CLIPTextModel, PretrainedConfig, PreTrainedModel
+from transformers import (AutoConfig, AutoModel, AutoTokenizer, CLIPTextConfig, CLIPTextModel, PretrainedConfig,
+                          PreTrainedModel)
 
 from ldm.memo import LRUMemo
 from ldm.util import ConfigError
