@@ -16,28 +16,11 @@ from ldm.diffusion.samplers.sigma_common import (SigmaCallback, ancestral_step, 
                                                  denoised_at)
 
 
-@torch.no_grad()
 def sample_dpmpp_2m(denoiser, x: Tensor, sigmas: Tensor, extra_args: Optional[Mapping[str, Any]] = None,
                     callback: Optional[SigmaCallback] = None, generator: Optional[torch.Generator] = None) -> Tensor:
-    """DPM-Solver++(2M), Algorithm 2: one call per step, D extrapolated with the previous step's D."""
-    sigmas = check_sigmas(sigmas, x)
-    old, h_last = None, None
-    for i, (s, s_next) in enumerate(zip(sigmas, sigmas[1:])):
-        denoised = denoised_at(denoiser, x, s, extra_args)
-        if s_next == 0:
-            x = denoised
-        else:
-            h = math.log(s / s_next)
-            d = denoised
-            if old is not None:  # r = h_last / h; D' = (1 + 1/(2r)) D - 1/(2r) D_old
-                k = h / (2 * h_last)
-                d = (1 + k) * denoised - k * old
-            x = (s_next / s) * x + (-math.expm1(-h)) * d
-            h_last = h
-        old = denoised
-        if callback is not None:
-            callback(i, x, denoised)
-    return x
+    """DPM-Solver++(2M), Algorithm 2: one call per step, D extrapolated with the previous step's D; the 2M SDE
+    step below without its noise (eta 0): x_next = (sigma_next / sigma) x + (1 - e^-h) (D + (h / 2 h_last)(D - D_old))."""
+    return sample_dpmpp_2m_sde(denoiser, x, sigmas, extra_args, callback, generator, eta=0.0)
 
 
 @torch.no_grad()
